@@ -1,0 +1,217 @@
+"""Attention modules: external attention (Guo et al., 2021), SAGAN self-attention and efficient
+attention, as token modules and as gated 2-D blocks for the generator and discriminator.
+
+External attention ("Beyond Self-attention: External Attention using Two Linear Layers for Visual
+Tasks", arXiv 2105.02358) replaces the N x N affinity of self-attention with two small learnable
+memories M_k (S x C) and M_v (S x C) shared by all samples: attention = double_norm(F M_k^T),
+out = attention M_v. Its cost is linear in the number of pixels N.
+
+Every 2-D block is gated, ``out = x + gamma * f(x)`` with a learnable scalar gamma that starts at
+0 (SAGAN), so a network starts as if the block were absent.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eagan.layers import sn, sn_conv2d
+
+ATTENTION_KINDS = ("none", "self", "external", "efficient")
+
+# 1e-9 (the official EANet value) is 0 in fp16; the normalisation also runs in float32, so a
+# sum over S that underflows cannot turn into 0/0 = NaN.
+NORM_EPS = 1e-6
+
+
+def double_normalise(logits: Tensor, token_dim: int, memory_dim: int = -1) -> Tensor:
+    """The double normalisation of external attention (paper equations 10-11).
+
+    A softmax over the tokens (each memory unit's weights over the pixels sum to 1), then an L1
+    normalisation over the memory units (each pixel's weights over S sum to 1). Computed in
+    float32 even under autocast, and returned in the dtype of ``logits``.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        weights = logits.float().softmax(dim=token_dim)
+        weights = weights / (NORM_EPS + weights.sum(dim=memory_dim, keepdim=True))
+    return weights.to(logits.dtype)
+
+
+class ExternalAttention(nn.Module):
+    """External attention on tokens (paper Algorithm 1), with the call shape of the widely used
+    External-Attention-pytorch module: ``ExternalAttention(d_model=512, S=8)(x)`` for x of
+    shape (B, N, d_model).
+    """
+
+    def __init__(self, d_model: int, S: int = 64) -> None:
+        super().__init__()
+        self.mk = nn.Linear(d_model, S, bias=False)
+        self.mv = nn.Linear(S, d_model, bias=False)
+        # The reference module's init: small memories keep the first softmax near uniform.
+        nn.init.normal_(self.mk.weight, std=0.001)
+        nn.init.normal_(self.mv.weight, std=0.001)
+
+    def forward(self, queries: Tensor) -> Tensor:
+        attn = double_normalise(self.mk(queries), token_dim=1)  # (B, N, S)
+        return self.mv(attn)  # (B, N, d_model)
+
+
+class MultiHeadExternalAttention(nn.Module):
+    """Multi-head external attention (paper Algorithm 2): a query projection, H heads of
+    d_model / H channels sharing one pair of memories, and an output projection W_o."""
+
+    def __init__(self, d_model: int, heads: int, S: int = 64) -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model={d_model} is not divisible by heads={heads}")
+        self.heads = heads
+        head_dim = d_model // heads
+        self.query = nn.Linear(d_model, d_model)
+        self.mk = nn.Linear(head_dim, S, bias=False)
+        self.mv = nn.Linear(S, head_dim, bias=False)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        batch, num_tokens, channels = tokens.shape
+        queries = self.query(tokens).view(batch, num_tokens, self.heads, -1).transpose(1, 2)
+        attn = double_normalise(self.mk(queries), token_dim=2)  # (B, H, N, S)
+        heads_out = self.mv(attn).transpose(1, 2).reshape(batch, num_tokens, channels)
+        return self.out(heads_out)  # (B, N, C)
+
+
+class GatedAttention2d(nn.Module):
+    """Base of the 2-D blocks: ``x + gamma * attend(x)`` with gamma a scalar starting at 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def attend(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """Attention weights laid out over the image, (B, K, H', W'); see each subclass."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.gamma * self.attend(x)
+
+
+class SelfAttention2d(GatedAttention2d):
+    """SAGAN self-attention (Zhang et al., 2019) as in the original code rather than the paper:
+    C/8 query and key, C/2 value, keys and values max-pooled 2x2 (N/4 of them), no biases."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels % 8:
+            raise ValueError(f"self-attention needs channels divisible by 8, got {channels}")
+        self.theta = sn_conv2d(channels, channels // 8, 1, bias=False)
+        self.phi = sn_conv2d(channels, channels // 8, 1, bias=False)
+        self.g = sn_conv2d(channels, channels // 2, 1, bias=False)
+        self.o = sn_conv2d(channels // 2, channels, 1, bias=False)
+
+    def _weights(self, x: Tensor) -> Tensor:
+        if x.shape[-2] % 2 or x.shape[-1] % 2:
+            raise ValueError(f"self-attention needs even height and width, got {tuple(x.shape)}")
+        theta = self.theta(x).flatten(2)  # (B, C/8, N)
+        phi = F.max_pool2d(self.phi(x), 2).flatten(2)  # (B, C/8, N/4)
+        return torch.bmm(theta.transpose(1, 2), phi).softmax(dim=-1)  # (B, N, N/4)
+
+    def attend(self, x: Tensor) -> Tensor:
+        batch, _, height, width = x.shape
+        attn = self._weights(x)  # (B, N, N/4)
+        values = F.max_pool2d(self.g(x), 2).flatten(2)  # (B, C/2, N/4)
+        out = torch.bmm(values, attn.transpose(1, 2))  # (B, C/2, N)
+        return self.o(out.view(batch, -1, height, width))
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """Each query pixel's weights over the pooled keys: (B, H*W, H/2, W/2), summing to 1."""
+        height, width = x.shape[-2:]
+        return self._weights(x).unflatten(-1, (height // 2, width // 2))
+
+
+class ExternalAttention2d(GatedAttention2d):
+    """External attention for feature maps: 1x1 query conv, memories M_k and M_v shared by the
+    heads, double normalisation, 1x1 output conv, all spectral-normed like every other layer of
+    SAGAN. M_k and M_v are two independent parameters (the official code ties them through a
+    transposed view, which `.to()` or a deepcopy silently unties)."""
+
+    def __init__(self, channels: int, memory_size: int = 64, heads: int = 1) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels={channels} is not divisible by heads={heads}")
+        self.heads = heads
+        head_dim = channels // heads
+        self.query = sn_conv2d(channels, channels, 1)
+        self.memory_key = sn(nn.Linear(head_dim, memory_size, bias=False))  # M_k
+        self.memory_value = sn(nn.Linear(memory_size, head_dim, bias=False))  # M_v
+        self.out = sn_conv2d(channels, channels, 1)
+
+    def _weights(self, x: Tensor) -> Tensor:
+        queries = self.query(x).flatten(2)  # (B, C, N)
+        batch, channels, num_pixels = queries.shape
+        queries = queries.view(batch, self.heads, channels // self.heads, num_pixels)
+        logits = self.memory_key(queries.transpose(2, 3))  # (B, heads, N, S)
+        return double_normalise(logits, token_dim=2)
+
+    def attend(self, x: Tensor) -> Tensor:
+        attn = self._weights(x)  # (B, heads, N, S)
+        out = self.memory_value(attn)  # (B, heads, N, C/heads)
+        out = out.transpose(2, 3).reshape(x.shape)  # (B, C, H, W)
+        return self.out(out)
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """Each memory unit's share of every pixel, averaged over heads: (B, S, H, W) in [0, 1]."""
+        weights = self._weights(x).mean(dim=1)  # (B, N, S)
+        return weights.transpose(1, 2).unflatten(-1, x.shape[-2:])
+
+
+class EfficientAttention2d(GatedAttention2d):
+    """Efficient attention (Shen et al., WACV 2021): keys softmax over positions, queries softmax
+    over the channels of each head, context K V^T per head, reprojection. Key width C/8 and value
+    width C/2 as in SAGAN's block, so the two compare like for like."""
+
+    def __init__(self, channels: int, heads: int = 1) -> None:
+        super().__init__()
+        # A head with one query channel is degenerate: its softmax over channels is always 1.
+        if channels % 8 or (channels // 8) % heads or channels // 8 // heads < 2:
+            raise ValueError(
+                f"efficient attention needs channels divisible by 8 and at least 2 query "
+                f"channels (C/8) per head, got channels={channels}, heads={heads}")
+        self.heads = heads
+        self.keys = sn_conv2d(channels, channels // 8, 1)
+        self.queries = sn_conv2d(channels, channels // 8, 1)
+        self.values = sn_conv2d(channels, channels // 2, 1)
+        self.reprojection = sn_conv2d(channels // 2, channels, 1)
+
+    def _split(self, features: Tensor) -> Tensor:
+        batch, channels = features.shape[:2]
+        return features.reshape(batch, self.heads, channels // self.heads, -1)  # (B, h, d, N)
+
+    def attend(self, x: Tensor) -> Tensor:
+        keys = self._split(self.keys(x)).softmax(dim=-1)  # (B, h, dk, N)
+        queries = self._split(self.queries(x)).softmax(dim=2)  # (B, h, dk, N)
+        values = self._split(self.values(x))  # (B, h, dv, N)
+        context = keys @ values.transpose(2, 3)  # (B, h, dk, dv)
+        out = context.transpose(2, 3) @ queries  # (B, h, dv, N)
+        out = out.reshape(x.shape[0], -1, *x.shape[-2:])  # (B, C/2, H, W)
+        return self.reprojection(out)
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """Each key channel's global attention map over the pixels: (B, C/8, H, W), sums to 1."""
+        return self.keys(x).flatten(2).softmax(dim=-1).unflatten(-1, x.shape[-2:])
+
+
+def build_attention(kind: str, channels: int, memory_size: int = 64, heads: int = 1) -> nn.Module:
+    """The attention block the networks insert: identity, self, external or efficient."""
+    if kind == "none":
+        return nn.Identity()
+    if kind == "self":
+        if heads != 1:
+            raise ValueError("SAGAN self-attention has a single head")
+        return SelfAttention2d(channels)
+    if kind == "external":
+        return ExternalAttention2d(channels, memory_size=memory_size, heads=heads)
+    if kind == "efficient":
+        return EfficientAttention2d(channels, heads=heads)
+    raise ValueError(f"attention kind {kind!r} is not one of {', '.join(ATTENTION_KINDS)}")

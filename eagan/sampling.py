@@ -1,0 +1,160 @@
+"""Drawing images from a generator: BN modes, class grids, .npz files, latent interpolation,
+and ``load_generator``, which needs nothing but a checkpoint."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.utils import make_grid
+
+from eagan.checkpoint import load_checkpoint
+from eagan.config import config_from_dict
+from eagan.factory import build_generator
+from eagan.files import atomic_output
+
+BN_MODES = ("batch", "running")
+GRID_MAX_CLASS_ROWS = 10  # Tiny-ImageNet's 200 classes would make a 200-row grid
+
+
+@contextlib.contextmanager
+def bn_mode(generator: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """Put G in a BatchNorm mode for sampling and restore it exactly afterwards.
+
+    "batch": normalise with the statistics of the sampled batch (StudioGAN's -stat_otf, the
+    paper's evaluation), without moving the running statistics. "running": eval mode.
+    """
+    if mode not in BN_MODES:
+        raise ValueError(f"BN mode {mode!r} is not one of {BN_MODES}")
+    was_training = generator.training
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in norms if m.track_running_stats]
+    # Spectral norm runs a power iteration in train mode: keep the layers themselves in eval.
+    generator.eval()
+    for norm in norms:
+        norm.train(mode == "batch")
+    try:
+        yield generator
+    finally:
+        generator.train(was_training)
+        with torch.no_grad():
+            for norm, (mean, var, count) in zip(
+                    (m for m in norms if m.track_running_stats), saved):
+                norm.running_mean.copy_(mean)
+                norm.running_var.copy_(var)
+                norm.num_batches_tracked.copy_(count)
+
+
+def class_grid_labels(num_classes: int, per_row: int, device: torch.device) -> Tensor | None:
+    """Labels for a grid with one row per class (at most GRID_MAX_CLASS_ROWS classes, evenly
+    spaced), or None for an unconditional generator."""
+    if num_classes == 0:
+        return None
+    rows = min(num_classes, GRID_MAX_CLASS_ROWS)
+    classes = torch.linspace(0, num_classes - 1, rows).round().long()
+    return classes.repeat_interleave(per_row).to(device)  # (rows * per_row,)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats to uint8, rounding to nearest."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def grid_image(images: Tensor, per_row: int) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] to one (3, H', W') float grid in [0, 1]."""
+    return make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=per_row, padding=2)
+
+
+def save_png(grid: Tensor, path: Path) -> None:
+    """Write a (3, H, W) [0, 1] image atomically."""
+    pixels = (grid * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    with atomic_output(path) as tmp_path:
+        Image.fromarray(pixels).save(tmp_path, format="PNG")
+
+
+class SampledGenerator:
+    """A generator restored from a checkpoint, ready to draw images."""
+
+    def __init__(self, generator: nn.Module, class_names: list[str], step: int,
+                 is_ema: bool) -> None:
+        self.generator = generator
+        self.class_names = class_names
+        self.step = step
+        self.is_ema = is_ema
+
+    @property
+    def num_classes(self) -> int:
+        return self.generator.num_classes
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: Tensor | None = None, seed: int = 0,
+               bn: str = "batch", batch_size: int = 100) -> tuple[Tensor, Tensor | None]:
+        """Draw ``n`` images in [-1, 1], (n, 3, H, W), for the given labels or uniform random
+        ones; the same seed gives the same images."""
+        rng = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.generator.z_dim, generator=rng)
+        if self.num_classes and labels is None:
+            labels = torch.randint(self.num_classes, (n,), generator=rng)
+        chunks = []
+        with bn_mode(self.generator, bn):
+            for start in range(0, n, batch_size):
+                chunk_labels = None if labels is None else \
+                    labels[start:start + batch_size].to(self.device)
+                chunks.append(self.generator(z[start:start + batch_size].to(self.device),
+                                             chunk_labels).float().cpu())
+        return torch.cat(chunks), None if labels is None else labels.cpu()
+
+    @torch.no_grad()
+    def interpolate(self, rows: int, steps: int, seed: int = 0, bn: str = "batch") -> Tensor:
+        """Spherical interpolation between pairs of latents, one class per row:
+        (rows * steps, 3, H, W)."""
+        rng = torch.Generator().manual_seed(seed)
+        start, end = torch.randn(2, rows, self.generator.z_dim, generator=rng)
+        weights = torch.linspace(0, 1, steps)
+        z = torch.stack([slerp(start, end, w) for w in weights], dim=1).flatten(0, 1)
+        labels = None
+        if self.num_classes:
+            labels = torch.randint(self.num_classes, (rows,), generator=rng)
+            labels = labels.repeat_interleave(steps).to(self.device)
+        with bn_mode(self.generator, bn):
+            return self.generator(z.to(self.device), labels).float().cpu()
+
+
+def slerp(a: Tensor, b: Tensor, weight: float) -> Tensor:
+    """Spherical interpolation between rows of a and b (Gaussian latents keep their norm)."""
+    cos = (a * b).sum(-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1,
+                                                                              keepdim=True))
+    omega = torch.arccos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+    return (torch.sin((1 - weight) * omega) * a + torch.sin(weight * omega) * b) / torch.sin(omega)
+
+
+def load_generator(path: str | Path, ema: bool = True,
+                   device: str | torch.device = "cpu") -> SampledGenerator:
+    """The generator of a checkpoint (its EMA copy when there is one and ``ema``), rebuilt from
+    the config stored inside it, in eval mode on ``device``."""
+    payload = load_checkpoint(path)
+    config = config_from_dict(payload["config"], source=f"{path} (stored config)")
+    generator = build_generator(config.model, config.data.image_size, payload["num_classes"])
+    use_ema = ema and payload.get("generator_ema") is not None
+    generator.load_state_dict(payload["generator_ema" if use_ema else "generator"])
+    generator.to(device).eval()
+    return SampledGenerator(generator, payload.get("class_names", []), payload["step"], use_ema)
+
+
+def write_npz(images: Tensor, labels: Tensor | None, path: Path) -> None:
+    """uint8 NHWC under arr_0 (the layout common GAN evaluators read) plus the labels."""
+    arrays = {"arr_0": to_uint8(images).permute(0, 2, 3, 1).numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.numpy().astype(np.int64)
+    with atomic_output(path) as tmp_path:
+        with open(tmp_path, "wb") as handle:
+            np.savez(handle, **arrays)

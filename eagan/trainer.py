@@ -1,0 +1,519 @@
+"""The training loop: the SAGAN recipe (hinge loss, n_dis D updates per G update, Adam) with
+exact resume, periodic logging, sample grids, evaluation and checkpoints.
+
+``train`` reads top to bottom as stages: processes and run folder, data, networks, optimizers,
+resume, then the loop (D updates, G update, EMA, maintenance).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from eagan import checkpoint as ckpt
+from eagan.config import Config, config_differences, to_dict
+from eagan.data import load_images, make_batch_source
+from eagan.distributed import DistContext, barrier, broadcast_flag, init_distributed, shutdown
+from eagan.errors import UserError
+from eagan.factory import build_discriminator, build_generator
+from eagan.files import atomic_output, ensure_writable_dir, remove_stale_temporaries
+from eagan.losses import LOSSES
+from eagan.models import attention_gammas, count_parameters
+from eagan.sampling import bn_mode, class_grid_labels, grid_image, save_png
+from eagan.tracking import Tracker
+from eagan.visualize import attention_figure
+
+GRID_PER_ROW = 8
+# Keys a resumed run may change: how long to train, how often to log, and evaluation.
+RESUMABLE_KEYS = ("train.total_steps", "train.log_every", "train.sample_every",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.device",
+                  "data.root", "data.num_workers", "run_dir", "eval.")
+
+
+class NonFiniteLoss(UserError):
+    """A loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    best_fid: float | None = None
+    last_stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GANModules:
+    """The networks, their optimizers and loss scalers, and the wrappers the steps call:
+    ``*_update`` for the forward whose gradients are applied (DDP-wrapped under torchrun,
+    compiled on request), ``*_forward`` for forwards that update nothing."""
+
+    generator: nn.Module
+    discriminator: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    g_update: nn.Module
+    d_update: nn.Module
+    g_forward: nn.Module
+    d_forward: nn.Module
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    d_loss: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+    g_loss: Callable[[Tensor], Tensor]
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    channels_last: bool = False
+    nonfinite: str = "stop"
+
+    def layout(self, images: Tensor) -> Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last \
+            else images
+
+
+def discriminator_step(gan: GANModules, options: StepOptions, real: Tensor,
+                       real_labels: Tensor | None, z: Tensor, fake_labels: Tensor | None,
+                       step: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One D update on a real batch and G(z): returns (loss, loss on real, loss on fake)."""
+    with options.autocast():
+        with torch.no_grad():
+            fake = gan.g_forward(z, fake_labels)
+        # One D forward over real and fake together: D has no batch norm, and DDP expects a
+        # single forward per backward.
+        both = options.layout(torch.cat([real, fake.to(real.dtype)]))
+        both_labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
+        logits = gan.d_update(both, both_labels).float()  # (2B,)
+        loss, loss_real, loss_fake = options.d_loss(*logits.split(len(real)))
+    _apply_update(gan.opt_d, gan.scaler_d, loss, options.nonfinite, step, "discriminator")
+    return loss.detach(), loss_real.detach(), loss_fake.detach()
+
+
+def generator_step(gan: GANModules, options: StepOptions, z: Tensor,
+                   fake_labels: Tensor | None, step: int) -> Tensor:
+    """One G update against a frozen D: returns the G loss."""
+    gan.discriminator.requires_grad_(False)
+    try:
+        with options.autocast():
+            fake = gan.g_update(z, fake_labels)
+            loss = options.g_loss(gan.d_forward(options.layout(fake), fake_labels).float())
+        _apply_update(gan.opt_g, gan.scaler_g, loss, options.nonfinite, step, "generator")
+    finally:
+        gan.discriminator.requires_grad_(True)
+    return loss.detach()
+
+
+class LatentSampler:
+    """Fresh z ~ N(0, I) and uniform labels for every D and G update, from a generator of its
+    own so the draws resume exactly. Every rank draws the global batch and keeps its slice, so
+    R ranks together see what one process with the whole batch would."""
+
+    def __init__(self, z_dim: int, num_classes: int, batch_size: int, context: DistContext,
+                 seed: int) -> None:
+        self.z_dim, self.num_classes = z_dim, num_classes
+        self.global_batch = batch_size * context.world_size
+        self.slice = slice(context.rank * batch_size, (context.rank + 1) * batch_size)
+        self.device = context.device
+        self.rng = torch.Generator(device=context.device).manual_seed(seed)
+
+    def draw(self) -> tuple[Tensor, Tensor | None]:
+        z = torch.randn(self.global_batch, self.z_dim, device=self.device, generator=self.rng)
+        labels = None
+        if self.num_classes:
+            labels = torch.randint(self.num_classes, (self.global_batch,), device=self.device,
+                                   generator=self.rng)[self.slice]
+        return z[self.slice], labels
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.rng.set_state(state["rng"])
+
+
+def train(config: Config, resume: bool = False, show_progress: bool = True,
+          evaluate: Callable[..., dict[str, Any]] | None = None) -> TrainResult:
+    """Train G and D as ``config`` says, in ``config.run_dir``; ``resume`` continues the run
+    there from its latest checkpoint. ``evaluate(generator, step)`` (the metrics hook) returns
+    a dict with at least 'fid'; it runs every ``config.eval.every`` steps when given."""
+    # ---- Processes, device, run folder ------------------------------------------------------
+    context = init_distributed(config.train.device)
+    try:
+        return _train(config, context, resume, show_progress, evaluate)
+    finally:
+        shutdown(context)
+
+
+def _train(config: Config, context: DistContext, resume: bool, show_progress: bool,
+           evaluate: Callable[..., dict[str, Any]] | None) -> TrainResult:
+    tc = config.train
+    device = context.device
+    if tc.batch_size % context.world_size:
+        raise UserError(f"train.batch_size: {tc.batch_size} is not divisible by the "
+                        f"{context.world_size} processes")
+    run_dir = Path(config.run_dir)
+    resume_from = _prepare_run_dir(run_dir, config, resume, context)
+    # The same seed on every rank: identical initial networks; per-rank randomness comes from
+    # the data and latent samplers, which slice one global draw.
+    _seed_everything(tc.seed)
+
+    # ---- Data ---------------------------------------------------------------------------------
+    images = load_images(config.data.dataset, config.data.root, "train",
+                         config.data.image_size, download=config.data.download)
+    num_classes = images.num_classes if config.model.conditional else 0
+    per_rank_batch = tc.batch_size // context.world_size
+    batches = make_batch_source(images, batch_size=per_rank_batch, seed=tc.seed, device=device,
+                                hflip=config.data.hflip, rank=context.rank,
+                                world_size=context.world_size)
+
+    # ---- Networks and optimizers -----------------------------------------------------------------
+    generator = build_generator(config.model, config.data.image_size, num_classes).to(device)
+    discriminator = build_discriminator(config.model, config.data.image_size,
+                                        num_classes).to(device)
+    if tc.sync_batchnorm and context.enabled:
+        generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+    if tc.channels_last:
+        generator.to(memory_format=torch.channels_last)
+        discriminator.to(memory_format=torch.channels_last)
+    generator_ema = None
+    if tc.ema_decay > 0:
+        generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
+    adam = dict(eps=tc.adam_eps, betas=(tc.beta1, tc.beta2), fused=tc.fused_adam or None)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr_g, **adam)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.lr_d, **adam)
+    scale_fp16 = tc.precision == "fp16"
+    scaler_g = torch.amp.GradScaler(device.type, enabled=scale_fp16)
+    scaler_d = torch.amp.GradScaler(device.type, enabled=scale_fp16)
+    latents = LatentSampler(config.model.z_dim, num_classes, per_rank_batch, context,
+                            seed=tc.seed + 1)
+    # Fixed latents for the sample grids: the same images to watch from the first step on.
+    grid_labels = class_grid_labels(num_classes, GRID_PER_ROW, device)
+    grid_count = GRID_PER_ROW * (GRID_PER_ROW if grid_labels is None else
+                                 len(grid_labels) // GRID_PER_ROW)
+    fixed_z = torch.randn(grid_count, config.model.z_dim,
+                          generator=torch.Generator().manual_seed(tc.seed + 2)).to(device)
+
+    # ---- Resume -------------------------------------------------------------------------------
+    start_step, best_fid = 0, None
+    if resume_from is not None:
+        payload = ckpt.load_checkpoint(resume_from, map_location=device)
+        _check_resumable(payload["config"], to_dict(config), resume_from)
+        generator.load_state_dict(payload["generator"])
+        discriminator.load_state_dict(payload["discriminator"])
+        if generator_ema is not None:
+            generator_ema.load_state_dict(payload["generator_ema"])
+        opt_g.load_state_dict(payload["optimizer_g"])
+        opt_d.load_state_dict(payload["optimizer_d"])
+        scaler_g.load_state_dict(payload["scaler_g"])
+        scaler_d.load_state_dict(payload["scaler_d"])
+        batches.load_state_dict(payload["data_order"][context.rank])
+        latents.load_state_dict(payload["latents"])
+        _restore_rng(payload["rng"][context.rank])
+        fixed_z = payload["fixed_z"].to(device)
+        start_step, best_fid = payload["step"], payload.get("best_fid")
+
+    # ---- Distributed wrappers and compilation ------------------------------------------------
+    g_update, d_update = generator, discriminator
+    if context.enabled:
+        g_update = DistributedDataParallel(generator)
+        d_update = DistributedDataParallel(discriminator)
+    g_forward, d_forward = generator, discriminator
+    if tc.compile:
+        g_update, d_update = torch.compile(g_update), torch.compile(d_update)
+        g_forward, d_forward = torch.compile(generator), torch.compile(discriminator)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    gan = GANModules(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, g_update,
+                     d_update, g_forward, d_forward)
+    d_loss_fn, g_loss_fn = LOSSES[tc.loss]
+    options = StepOptions(d_loss=d_loss_fn, g_loss=g_loss_fn,
+                          autocast=functools.partial(_autocast, tc.precision, device),
+                          channels_last=tc.channels_last, nonfinite=tc.nonfinite)
+
+    # ---- Checkpoints --------------------------------------------------------------------------
+    def save(step: int, path: Path) -> None:
+        rng_states = _gather_objects(context, _rng_state())
+        data_states = _gather_objects(context, batches.state_dict())
+        if not context.is_main:
+            return
+        payload = {
+            "format": ckpt.FORMAT, "step": step, "config": to_dict(config),
+            "num_classes": num_classes, "class_names": list(images.class_names),
+            "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+            "generator_ema": None if generator_ema is None else generator_ema.state_dict(),
+            "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(),
+            "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
+            "data_order": data_states, "latents": latents.state_dict(), "rng": rng_states,
+            "fixed_z": fixed_z.cpu(), "best_fid": best_fid,
+        }
+        ckpt.save_checkpoint(payload, path)
+
+    # ---- Logging ------------------------------------------------------------------------------
+    tracker = Tracker(run_dir, truncate_after=start_step) if context.is_main else None
+    if tracker is not None and start_step == 0:
+        real_grid = images.images[:GRID_PER_ROW * GRID_PER_ROW].float() / 127.5 - 1
+        tracker.image("Samples/real", 0, grid_image(real_grid, GRID_PER_ROW))
+    if context.is_main and show_progress:
+        _print_banner(config, context, images, generator, discriminator, run_dir, start_step)
+    progress = tqdm(total=tc.total_steps, initial=start_step, disable=not (
+        show_progress and context.is_main), dynamic_ncols=True, desc="train")
+
+    # ---- The loop -----------------------------------------------------------------------------
+    stop_request = _StopRequest()
+    running = torch.zeros(4, device=device)  # sums of D real, D fake, D total, G losses
+    running_count, tick_start, tick_step = 0, time.perf_counter(), start_step
+    last_stats: dict[str, float] = {}
+    step = start_step
+    with stop_request:
+        while step < tc.total_steps:
+            # -- Discriminator updates: n_dis, each with a fresh real batch, z and labels.
+            d_bad = torch.zeros((), dtype=torch.bool, device=device)
+            for _ in range(tc.n_dis):
+                real, real_labels = batches.next()
+                z, fake_labels = latents.draw()
+                loss_d, loss_real, loss_fake = discriminator_step(
+                    gan, options, real, real_labels if num_classes else None, z, fake_labels,
+                    step)
+                d_bad |= ~torch.isfinite(loss_d)
+
+            # -- Generator update, with D's weights frozen.
+            z, fake_labels = latents.draw()
+            loss_g = generator_step(gan, options, z, fake_labels, step)
+            step += 1
+
+            # -- Non-finite losses: stop (the default) before anything is saved.
+            if tc.nonfinite == "stop":
+                bad = torch.stack([d_bad, ~torch.isfinite(loss_g)]).tolist()
+                if any(bad):
+                    which = "discriminator" if bad[0] else "generator"
+                    raise NonFiniteLoss(f"step {step}: the {which} loss is not finite; "
+                                        f"stopped, the last good checkpoint is kept in {run_dir}")
+
+            # -- EMA of the generator's weights.
+            if generator_ema is not None:
+                decay = tc.ema_decay if step > tc.ema_start_step else 0.0
+                _update_ema(generator_ema, generator, decay)
+
+            running += torch.stack([loss_real, loss_fake, loss_d, loss_g]).detach().float()
+            running_count += 1
+            progress.update(1)
+
+            # -- Maintenance: logs, grids, evaluation, checkpoints.
+            if step % tc.log_every == 0 or step == tc.total_steps:
+                now = time.perf_counter()
+                means = (running / running_count).tolist()
+                last_stats = {
+                    "Loss/D/real": means[0], "Loss/D/fake": means[1], "Loss/D/total": means[2],
+                    "Loss/G/total": means[3],
+                    "Progress/lr_g": opt_g.param_groups[0]["lr"],
+                    "Progress/lr_d": opt_d.param_groups[0]["lr"],
+                    "Timing/steps_per_sec": (step - tick_step) / max(now - tick_start, 1e-9),
+                }
+                for prefix, network in (("G", generator), ("D", discriminator)):
+                    last_stats.update({f"Attention/gamma/{prefix}/{name}": value for name,
+                                       value in attention_gammas(network).items()})
+                if device.type == "cuda":
+                    last_stats["Resources/peak_gpu_mem_gb"] = \
+                        torch.cuda.max_memory_allocated(device) / 2**30
+                if tracker is not None:
+                    tracker.scalars(step, last_stats)
+                progress.set_postfix(d=f"{means[2]:.3f}", g=f"{means[3]:.3f}")
+                running.zero_()
+                running_count, tick_start, tick_step = 0, now, step
+
+            if tracker is not None and (step % tc.sample_every == 0 or step == tc.total_steps):
+                sampler = generator_ema if generator_ema is not None else generator
+                with torch.no_grad(), bn_mode(sampler, "batch"):
+                    tracker.image("Samples/fixed_z", step, grid_image(
+                        sampler(fixed_z, grid_labels), GRID_PER_ROW))
+                _log_attention_maps(tracker, sampler, fixed_z, grid_labels, step)
+
+            if evaluate is not None and config.eval.every and (
+                    step % config.eval.every == 0 or step == tc.total_steps):
+                improved = False
+                if context.is_main:
+                    results = evaluate(generator_ema if generator_ema is not None else
+                                       generator, step)
+                    tracker.scalars(step, {f"Metrics/{key}": value for key, value in
+                                           results.items() if isinstance(value, (int, float))})
+                    improved = best_fid is None or results["fid"] < best_fid
+                    best_fid = results["fid"] if improved else best_fid
+                if broadcast_flag(context, improved):
+                    save(step, run_dir / ckpt.BEST_NAME)
+
+            stop_now = broadcast_flag(context, stop_request.requested)
+            if step % tc.checkpoint_every == 0 or step == tc.total_steps or stop_now:
+                save(step, ckpt.step_path(run_dir, step))
+                if context.is_main:
+                    ckpt.prune(run_dir, tc.keep_checkpoints)
+                barrier(context)
+            if stop_now:
+                break
+
+    progress.close()
+    if tracker is not None:
+        tracker.close()
+    if context.is_main and show_progress:
+        where = f"best FID {best_fid:.3f}, " if best_fid is not None else ""
+        tqdm.write(f"stopped at step {step}: {where}checkpoints, logs and grids in {run_dir}")
+    return TrainResult(run_dir=run_dir, step=step, best_fid=best_fid, last_stats=last_stats)
+
+
+def _apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor,
+                  nonfinite: str, step: int, name: str) -> None:
+    """Backward and optimizer step; with nonfinite='skip' a NaN or inf loss skips the step."""
+    optimizer.zero_grad(set_to_none=True)
+    if nonfinite == "skip" and not torch.isfinite(loss).item():
+        tqdm.write(f"step {step + 1}: the {name} loss is not finite; update skipped")
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+@torch.no_grad()
+def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model for parameters; buffers are copied."""
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _prepare_run_dir(run_dir: Path, config: Config, resume: bool,
+                     context: DistContext) -> Path | None:
+    """Check the run folder and return the checkpoint to resume from, if any.
+
+    A folder holding another run is refused rather than mixed; a folder holding this run's
+    checkpoints needs --resume. The resolved config is written as config.yaml.
+    """
+    latest = None
+    if context.is_main:
+        ensure_writable_dir(run_dir, "the run folder")
+        remove_stale_temporaries(run_dir)
+    barrier(context)
+    latest = ckpt.latest_checkpoint(run_dir)
+    recorded = run_dir / "config.yaml"
+    if resume and latest is None:
+        raise UserError(f"{run_dir}: --resume given but the run folder holds no checkpoint")
+    if not resume and (latest is not None or recorded.exists()):
+        raise UserError(f"{run_dir}: the run folder already holds a run; pass --resume to "
+                        f"continue it or choose another run_dir")
+    if context.is_main and not resume:
+        with atomic_output(recorded) as tmp_path:
+            tmp_path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return latest
+
+
+def _check_resumable(stored: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    differences = [line for line in config_differences(stored, current)
+                   if not line.startswith(RESUMABLE_KEYS)]
+    if differences:
+        raise UserError(f"{path}: cannot resume, the config differs from the checkpoint's: "
+                        + "; ".join(differences))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every global RNG, in types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"],
+                         numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_objects(context: DistContext, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on rank 0 (a list indexed by rank); other ranks get []."""
+    if not context.enabled:
+        return [obj]
+    gathered = [None] * context.world_size if context.is_main else None
+    torch.distributed.gather_object(obj, gathered, dst=0)
+    return gathered if context.is_main else []
+
+
+class _StopRequest:
+    """Turns SIGINT and SIGTERM into a request checked once per step: the loop saves a
+    checkpoint and exits cleanly instead of dying mid-write."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "_StopRequest":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _log_attention_maps(tracker: Tracker, generator: nn.Module, z: Tensor,
+                        labels: Tensor | None, step: int) -> None:
+    figure = attention_figure(generator, z[:GRID_PER_ROW],
+                              None if labels is None else labels[:GRID_PER_ROW])
+    if figure is not None:
+        tracker.image("Attention/generator", step, figure)
+
+
+def _print_banner(config: Config, context: DistContext, images: Any, generator: nn.Module,
+                  discriminator: nn.Module, run_dir: Path, start_step: int) -> None:
+    lines = [
+        f"device        {context.device} x {context.world_size} process(es)",
+        f"dataset       {config.data.dataset} ({len(images.labels)} images, "
+        f"{images.num_classes} classes) from {images.source}",
+        f"networks      G {count_parameters(generator) / 1e6:.2f} M, "
+        f"D {count_parameters(discriminator) / 1e6:.2f} M parameters, "
+        f"attention {config.model.attention}",
+        f"precision     {config.train.precision}"
+        f"{', channels_last' if config.train.channels_last else ''}"
+        f"{', compiled' if config.train.compile else ''}",
+        f"run folder    {run_dir}" + (f" (resuming at step {start_step})" if start_step else ""),
+    ]
+    tqdm.write("\n".join(lines))

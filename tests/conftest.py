@@ -1,0 +1,37 @@
+"""Shared fixtures: a fake CIFAR-10 in its real on-disk format and a tiny config over it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.fakedata import write_cifar10
+
+# Tiny widths (G 16 channels, D 8) and a handful of images: a training step takes milliseconds.
+TINY_CONFIG = {
+    "data": {"dataset": "cifar10", "image_size": 32, "download": False},
+    "model": {"attention": "external", "memory_size": 8, "g_base_channels": 4,
+              "d_base_channels": 4, "z_dim": 16},
+    "train": {"total_steps": 4, "batch_size": 8, "n_dis": 2, "log_every": 2,
+              "sample_every": 2, "checkpoint_every": 2, "keep_checkpoints": 2, "seed": 3},
+    "eval": {"every": 0},
+}
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10(root, n_train=40, n_test=16)
+    return root
+
+
+@pytest.fixture
+def tiny_config_path(tmp_path, cifar_root) -> Path:
+    """A tiny config over the fake CIFAR-10, with its run folder inside tmp_path."""
+    config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
+    config["data"]["root"] = str(cifar_root)
+    config["run_dir"] = str(tmp_path / "run")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

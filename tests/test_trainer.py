@@ -1,0 +1,209 @@
+import contextlib
+import copy
+import functools
+import json
+
+import pytest
+import torch
+
+from eagan import checkpoint as ckpt
+from eagan.config import load_config
+from eagan.errors import UserError
+from eagan.losses import LOSSES, d_hinge_loss, g_hinge_loss
+from eagan.models import Discriminator, Generator
+from eagan.trainer import (GANModules, NonFiniteLoss, StepOptions, discriminator_step,
+                           generator_step, train)
+
+
+def tiny_gan(attention: str = "external", seed: int = 0) -> GANModules:
+    torch.manual_seed(seed)
+    generator = Generator(32, 10, z_dim=16, base_channels=4, attention=attention, memory_size=8)
+    discriminator = Discriminator(32, 10, base_channels=4, attention=attention, memory_size=8)
+    for block in (generator.attention, discriminator.attention):
+        block.gamma.data.fill_(0.5)  # so the attention weights take part in every update
+    opt_g = torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999), eps=1e-6)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999), eps=1e-6)
+    scalers = [torch.amp.GradScaler("cpu", enabled=False) for _ in range(2)]
+    return GANModules(generator, discriminator, opt_g, opt_d, *scalers, generator,
+                      discriminator, generator, discriminator)
+
+
+def batch(seed: int = 1, size: int = 4):
+    rng = torch.Generator().manual_seed(seed)
+    real = torch.rand(size, 3, 32, 32, generator=rng) * 2 - 1
+    labels = torch.randint(10, (size,), generator=rng)
+    z = torch.randn(size, 16, generator=rng)
+    return real, labels, z, torch.randint(10, (size,), generator=rng)
+
+
+def snapshot(module):
+    return {name: value.clone() for name, value in module.state_dict().items()}
+
+
+def changed(before, module):
+    return [name for name, value in module.state_dict().items()
+            if not torch.equal(before[name], value)]
+
+
+OPTIONS = StepOptions(d_loss=d_hinge_loss, g_loss=g_hinge_loss)
+
+
+def test_discriminator_step_leaves_generator_unchanged():
+    gan = tiny_gan()
+    g_before, d_before = snapshot(gan.generator), snapshot(gan.discriminator)
+    discriminator_step(gan, OPTIONS, *batch(), step=0)
+    # G's forward moves its buffers (batch-norm statistics, spectral-norm vectors), never a
+    # parameter.
+    g_parameters = {name for name, _ in gan.generator.named_parameters()}
+    assert changed(g_before, gan.generator)
+    assert not g_parameters & set(changed(g_before, gan.generator))
+    assert all(param.grad is None for param in gan.generator.parameters())
+    d_parameters = {name for name, _ in gan.discriminator.named_parameters()}
+    assert d_parameters == d_parameters & set(changed(d_before, gan.discriminator))
+
+
+def test_generator_step_leaves_discriminator_weights_unchanged():
+    gan = tiny_gan()
+    g_before, d_before = snapshot(gan.generator), snapshot(gan.discriminator)
+    real, labels, z, fake_labels = batch()
+    generator_step(gan, OPTIONS, z, fake_labels, step=0)
+    # D's spectral-norm vectors advance in any training-mode forward; its parameters must not.
+    d_parameters = {name for name, _ in gan.discriminator.named_parameters()}
+    assert not d_parameters & set(changed(d_before, gan.discriminator))
+    assert all(param.grad is None for param in gan.discriminator.parameters())
+    assert all(param.requires_grad for param in gan.discriminator.parameters())
+    g_parameters = {name for name, _ in gan.generator.named_parameters()}
+    assert g_parameters == g_parameters & set(changed(g_before, gan.generator))
+
+
+def test_bf16_autocast_steps_stay_finite_and_close_to_float32():
+    results = {}
+    for precision in ("fp32", "bf16"):
+        gan = tiny_gan(seed=0)
+        autocast = contextlib.nullcontext if precision == "fp32" else \
+            functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+        options = StepOptions(d_loss=d_hinge_loss, g_loss=g_hinge_loss, autocast=autocast)
+        real, labels, z, fake_labels = batch()
+        d_losses = discriminator_step(gan, options, real, labels, z, fake_labels, step=0)
+        g_loss = generator_step(gan, options, z, fake_labels, step=0)
+        results[precision] = torch.stack([*d_losses, g_loss])
+        assert all(torch.isfinite(p).all() for p in gan.generator.parameters())
+        assert gan.generator.attention.memory_key.parametrizations.weight.original.dtype == \
+            torch.float32
+    torch.testing.assert_close(results["bf16"], results["fp32"], rtol=0.05, atol=0.05)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_training_writes_checkpoints_logs_and_grids(tiny_config_path):
+    config = load_config(tiny_config_path)
+    result = train(config, show_progress=False)
+    run_dir = result.run_dir
+    assert result.step == 4
+    # checkpoint_every 2, keep 2: steps 2 and 4 remain.
+    assert [step for step, _ in ckpt.step_checkpoints(run_dir)] == [2, 4]
+    payload = ckpt.load_checkpoint(ckpt.step_path(run_dir, 4))
+    assert payload["step"] == 4 and payload["config"]["model"]["attention"] == "external"
+    assert set(payload) >= {"generator", "discriminator", "optimizer_g", "optimizer_d", "rng",
+                            "data_order", "latents", "fixed_z", "config"}
+    lines = read_jsonl(run_dir / "stats.jsonl")
+    assert [line["step"] for line in lines] == [2, 4]
+    assert {"Loss/D/real", "Loss/D/fake", "Loss/G/total", "Timing/steps_per_sec",
+            "Attention/gamma/G/attention", "Progress/lr_g"} <= set(lines[0])
+    assert (run_dir / "config.yaml").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_resume_is_bitwise_exact(tmp_path, tiny_config_path):
+    straight = load_config(tiny_config_path, [f"run_dir={tmp_path / 'straight'}"])
+    train(straight, show_progress=False)
+
+    halves = f"run_dir={tmp_path / 'halves'}"
+    train(load_config(tiny_config_path, [halves, "train.total_steps=2"]), show_progress=False)
+    train(load_config(tiny_config_path, [halves]), resume=True, show_progress=False)
+
+    a = ckpt.load_checkpoint(ckpt.step_path(tmp_path / "straight", 4))
+    b = ckpt.load_checkpoint(ckpt.step_path(tmp_path / "halves", 4))
+    for key in ("generator", "discriminator"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
+    for key in ("optimizer_g", "optimizer_d"):
+        for index, state in a[key]["state"].items():
+            for name, value in state.items():
+                assert torch.equal(value, b[key]["state"][index][name])
+    assert read_jsonl(tmp_path / "straight" / "stats.jsonl")[-1]["Loss/G/total"] == \
+        read_jsonl(tmp_path / "halves" / "stats.jsonl")[-1]["Loss/G/total"]
+
+
+def test_resume_refuses_a_changed_architecture(tmp_path, tiny_config_path):
+    train(load_config(tiny_config_path, ["train.total_steps=2"]), show_progress=False)
+    changed_config = load_config(tiny_config_path, ["model.attention=self",
+                                                    "model.memory_size=16"])
+    with pytest.raises(UserError) as caught:
+        train(changed_config, resume=True, show_progress=False)
+    message = str(caught.value)
+    assert "model.attention: 'external' -> 'self'" in message
+    assert "model.memory_size: 8 -> 16" in message
+
+
+def test_run_folder_holding_a_run_is_not_overwritten(tiny_config_path):
+    config = load_config(tiny_config_path, ["train.total_steps=2"])
+    train(config, show_progress=False)
+    before = ckpt.step_path(config.run_dir, 2).read_bytes()
+    with pytest.raises(UserError, match="already holds a run"):
+        train(config, show_progress=False)
+    assert ckpt.step_path(config.run_dir, 2).read_bytes() == before
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config_path, monkeypatch):
+    calls = {"n": 0}
+
+    def exploding_g_loss(fake_logits):
+        calls["n"] += 1
+        loss = g_hinge_loss(fake_logits)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setitem(LOSSES, "hinge", (d_hinge_loss, exploding_g_loss))
+    config = load_config(tiny_config_path)
+    with pytest.raises(NonFiniteLoss, match="step 3: the generator loss is not finite"):
+        train(config, show_progress=False)
+    assert [step for step, _ in ckpt.step_checkpoints(config.run_dir)] == [2]
+
+
+def test_nonfinite_skip_continues(tiny_config_path, monkeypatch):
+    calls = {"n": 0}
+
+    def exploding_g_loss(fake_logits):
+        calls["n"] += 1
+        loss = g_hinge_loss(fake_logits)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setitem(LOSSES, "hinge", (d_hinge_loss, exploding_g_loss))
+    result = train(load_config(tiny_config_path, ["train.nonfinite=skip"]), show_progress=False)
+    assert result.step == 4
+    payload = ckpt.load_checkpoint(ckpt.step_path(result.run_dir, 4))
+    assert all(torch.isfinite(v).all() for v in payload["generator"].values()
+               if v.is_floating_point())
+
+
+def test_ema_generator_is_saved_and_differs_from_raw(tiny_config_path):
+    result = train(load_config(tiny_config_path, ["train.ema_decay=0.9"]), show_progress=False)
+    payload = ckpt.load_checkpoint(ckpt.step_path(result.run_dir, 4))
+    ema, raw = payload["generator_ema"], payload["generator"]
+    assert ema.keys() == raw.keys()
+    weight = next(name for name in raw if name.endswith("parametrizations.weight.original"))
+    assert not torch.equal(ema[weight], raw[weight])
+
+
+def test_same_seed_same_run(tmp_path, tiny_config_path):
+    runs = []
+    for name in ("a", "b"):
+        config = load_config(tiny_config_path, [f"run_dir={tmp_path / name}",
+                                                "train.total_steps=2"])
+        train(config, show_progress=False)
+        runs.append(ckpt.load_checkpoint(ckpt.step_path(config.run_dir, 2))["generator"])
+    for name, value in runs[0].items():
+        assert torch.equal(value, runs[1][name])
