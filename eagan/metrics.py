@@ -154,10 +154,18 @@ def gaussian_statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return array.mean(axis=0), np.cov(array, rowvar=False)
 
 
+def _clip_to_rank(values: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with those below rounding level (numpy's matrix_rank
+    tolerance) set to 0: with fewer samples than dimensions most of them are rounding noise,
+    whose square roots (about 1e-8 of the largest each) would add up over 2048 dimensions."""
+    tolerance = values.size * np.finfo(np.float64).eps * max(values.max(initial=0.0), 0.0)
+    return np.where(values > tolerance, values, 0.0)
+
+
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     """Symmetric square root of a symmetric positive semi-definite matrix."""
     values, vectors = np.linalg.eigh(matrix)
-    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    return (vectors * np.sqrt(_clip_to_rank(values))) @ vectors.T
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
@@ -180,7 +188,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     root1 = _psd_sqrt(sigma1)  # (D, D)
     middle = root1 @ sigma2 @ root1  # (D, D)
     middle = (middle + middle.T) / 2  # remove rounding asymmetry before eigvalsh
-    trace_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(middle), 0.0, None)).sum()
+    trace_covmean = np.sqrt(_clip_to_rank(np.linalg.eigvalsh(middle))).sum()
     diff = mu1 - mu2  # (D,)
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from eagan.checkpoint import load_checkpoint
-from eagan.config import config_from_dict
+from eagan.config import Config, config_from_dict
 from eagan.factory import build_generator
 from eagan.files import atomic_output
 
@@ -80,9 +80,10 @@ def save_png(grid: Tensor, path: Path) -> None:
 class SampledGenerator:
     """A generator restored from a checkpoint, ready to draw images."""
 
-    def __init__(self, generator: nn.Module, class_names: list[str], step: int,
-                 is_ema: bool) -> None:
+    def __init__(self, generator: nn.Module, config: Config, class_names: list[str],
+                 step: int, is_ema: bool) -> None:
         self.generator = generator
+        self.config = config  # the training run's resolved config
         self.class_names = class_names
         self.step = step
         self.is_ema = is_ema
@@ -147,7 +148,8 @@ def load_generator(path: str | Path, ema: bool = True,
     use_ema = ema and payload.get("generator_ema") is not None
     generator.load_state_dict(payload["generator_ema" if use_ema else "generator"])
     generator.to(device).eval()
-    return SampledGenerator(generator, payload.get("class_names", []), payload["step"], use_ema)
+    return SampledGenerator(generator, config, payload.get("class_names", []), payload["step"],
+                            use_ema)
 
 
 def write_npz(images: Tensor, labels: Tensor | None, path: Path) -> None:

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from eagan import checkpoint as ckpt
 from eagan.config import Config, config_differences, to_dict
-from eagan.data import load_images, make_batch_source
+from eagan.data import (DeviceBatchSource, ImageFiles, ImageSet, LoaderBatchSource,
+                        find_image_files, load_images, make_batch_source)
 from eagan.distributed import DistContext, barrier, broadcast_flag, init_distributed, shutdown
 from eagan.errors import UserError
 from eagan.factory import build_discriminator, build_generator
@@ -172,13 +173,9 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     _seed_everything(tc.seed)
 
     # ---- Data ---------------------------------------------------------------------------------
-    images = load_images(config.data.dataset, config.data.root, "train",
-                         config.data.image_size, download=config.data.download)
-    num_classes = images.num_classes if config.model.conditional else 0
     per_rank_batch = tc.batch_size // context.world_size
-    batches = make_batch_source(images, batch_size=per_rank_batch, seed=tc.seed, device=device,
-                                hflip=config.data.hflip, rank=context.rank,
-                                world_size=context.world_size)
+    dataset, batches = _open_training_data(config, per_rank_batch, context)
+    num_classes = dataset.num_classes if config.model.conditional else 0
 
     # ---- Networks and optimizers -----------------------------------------------------------------
     generator = build_generator(config.model, config.data.image_size, num_classes).to(device)
@@ -252,7 +249,7 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             return
         payload = {
             "format": ckpt.FORMAT, "step": step, "config": to_dict(config),
-            "num_classes": num_classes, "class_names": list(images.class_names),
+            "num_classes": num_classes, "class_names": list(dataset.class_names),
             "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
             "generator_ema": None if generator_ema is None else generator_ema.state_dict(),
             "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(),
@@ -265,10 +262,14 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     # ---- Logging ------------------------------------------------------------------------------
     tracker = Tracker(run_dir, truncate_after=start_step) if context.is_main else None
     if tracker is not None and start_step == 0:
-        real_grid = images.images[:GRID_PER_ROW * GRID_PER_ROW].float() / 127.5 - 1
+        # Real batches as training will see them; the data order is rewound afterwards.
+        order_at_start = copy.deepcopy(batches.state_dict())
+        real_grid = torch.cat([batches.next()[0] for _ in range(
+            -(-GRID_PER_ROW ** 2 // per_rank_batch))])[:GRID_PER_ROW ** 2]
+        batches.load_state_dict(order_at_start)
         tracker.image("Samples/real", 0, grid_image(real_grid, GRID_PER_ROW))
     if context.is_main and show_progress:
-        _print_banner(config, context, images, generator, discriminator, run_dir, start_step)
+        _print_banner(config, context, dataset, generator, discriminator, run_dir, start_step)
     progress = tqdm(total=tc.total_steps, initial=start_step, disable=not (
         show_progress and context.is_main), dynamic_ncols=True, desc="train")
 
@@ -371,6 +372,22 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
         where = f"best FID {best_fid:.3f}, " if best_fid is not None else ""
         tqdm.write(f"stopped at step {step}: {where}checkpoints, logs and grids in {run_dir}")
     return TrainResult(run_dir=run_dir, step=step, best_fid=best_fid, last_stats=last_stats)
+
+
+def _open_training_data(config: Config, per_rank_batch: int, context: DistContext
+                        ) -> tuple[ImageSet | ImageFiles, DeviceBatchSource | LoaderBatchSource]:
+    """The training split and its endless batches: held whole on the device when it fits
+    (data.in_memory, and always for the array datasets), else decoded by DataLoader workers."""
+    data = config.data
+    common = dict(batch_size=per_rank_batch, seed=config.train.seed, device=context.device,
+                  hflip=data.hflip, rank=context.rank, world_size=context.world_size)
+    if data.in_memory or data.dataset in ("cifar10", "digits"):
+        images = load_images(data.dataset, data.root, "train", data.image_size,
+                             download=data.download)
+        return images, make_batch_source(images, **common)
+    files = find_image_files(data.dataset, data.root, "train")
+    return files, LoaderBatchSource(files, data.image_size, num_workers=data.num_workers,
+                                    **common)
 
 
 def _apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor,
@@ -502,12 +519,13 @@ def _log_attention_maps(tracker: Tracker, generator: nn.Module, z: Tensor,
         tracker.image("Attention/generator", step, figure)
 
 
-def _print_banner(config: Config, context: DistContext, images: Any, generator: nn.Module,
+def _print_banner(config: Config, context: DistContext, dataset: ImageSet | ImageFiles,
+                  generator: nn.Module,
                   discriminator: nn.Module, run_dir: Path, start_step: int) -> None:
     lines = [
         f"device        {context.device} x {context.world_size} process(es)",
-        f"dataset       {config.data.dataset} ({len(images.labels)} images, "
-        f"{images.num_classes} classes) from {images.source}",
+        f"dataset       {config.data.dataset} ({len(dataset.labels)} images, "
+        f"{dataset.num_classes} classes) from {dataset.source}",
         f"networks      G {count_parameters(generator) / 1e6:.2f} M, "
         f"D {count_parameters(discriminator) / 1e6:.2f} M parameters, "
         f"attention {config.model.attention}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ from eagan.attention import (ATTENTION_KINDS, EfficientAttention2d, ExternalAtte
                              ExternalAttention2d, MultiHeadExternalAttention, SelfAttention2d,
                              build_attention, double_normalise)
 
-# Divisible by 8 (self, efficient); C/8 = 4 leaves 2 key channels per head with 2 heads (with 1,
-# the query softmax over a single channel is constant: see test_efficient_rejects_one_channel_heads).
+# Divisible by 8 (self, efficient); C/8 = 4 leaves 2 key channels per head with 2 heads (with
+# one, the query softmax is constant: see test_efficient_rejects_one_channel_heads).
 CHANNELS = 32
 MEMORY = 8
 # Non-square, even maps: a swapped H and W fails the shape checks, odd sizes stop self-attention.
@@ -53,7 +54,7 @@ def conv1x1(x: Tensor, layer: nn.Conv2d) -> Tensor:
 
 
 def manual_double_normalise(logits: Tensor, token_dim: int) -> Tensor:
-    """Equations 10-11 written out: softmax over the tokens, then L1 over the memory units (last)."""
+    """Equations 10-11 written out: softmax over the tokens, then L1 over the memory units."""
     weights = logits.softmax(dim=token_dim)
     return weights / (attention.NORM_EPS + weights.sum(dim=-1, keepdim=True))
 
@@ -282,7 +283,7 @@ def test_eps_is_not_zero_in_fp16() -> None:
 
 # --- untied memories ---------------------------------------------------------------------------
 
-def memory_pairs(module: nn.Module) -> tuple[str, str]:
+def memory_names(module: nn.Module) -> tuple[str, str]:
     if isinstance(module, ExternalAttention2d):
         return ("memory_key.parametrizations.weight.original",
                 "memory_value.parametrizations.weight.original")
@@ -294,10 +295,11 @@ def memory_pairs(module: nn.Module) -> tuple[str, str]:
     lambda: MultiHeadExternalAttention(16, 2, MEMORY),
     lambda: ExternalAttention2d(CHANNELS, MEMORY, heads=2),
 ], ids=["token", "multi_head", "2d"])
-def test_memories_stay_independent_after_to_and_deepcopy(factory) -> None:
+def test_memories_stay_independent_after_to_and_deepcopy(factory: Callable[[], nn.Module]
+                                                         ) -> None:
     original = factory().to(torch.float64)
     copied = copy.deepcopy(original)
-    key_name, value_name = memory_pairs(original)
+    key_name, value_name = memory_names(original)
     for module in (original, copied):
         params = dict(module.named_parameters())
         key, value = params[key_name], params[value_name]

@@ -1,0 +1,80 @@
+"""Evaluation wired to a run: the reference split a protocol names, the hook the trainer calls
+every eval.every steps, and ``--eval`` on a checkpoint (a table, and a JSON file beside it)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from eagan.config import Config
+from eagan.data import SPLITS, load_images
+from eagan.errors import UserError
+from eagan.files import atomic_output
+from eagan.metrics import Protocol, evaluate_generator, format_results_table, resolve_protocol
+from eagan.sampling import load_generator
+
+
+def reference_set(config: Config) -> tuple[Tensor, str, Protocol]:
+    """The protocol resolved for the config's dataset, its reference images (uint8) and name."""
+    data = config.data
+    protocol = resolve_protocol(config.eval.protocol, data.dataset, config.eval.num_samples,
+                                available_splits=SPLITS[data.dataset])
+    images = load_images(data.dataset, data.root, protocol.reference_split, data.image_size,
+                         download=data.download)
+    return images.images, f"{data.dataset}-{protocol.reference_split}", protocol
+
+
+def make_training_evaluator(config: Config, show_progress: bool = True
+                            ) -> Callable[[nn.Module, int], dict[str, Any]]:
+    """The trainer's evaluation hook: FID and IS of a generator at a step. The reference split
+    is read once, at the first evaluation."""
+    cached: dict[str, Any] = {}
+    is_ema = config.train.ema_decay > 0
+
+    def evaluate(generator: nn.Module, step: int) -> dict[str, Any]:
+        if not cached:
+            cached["images"], cached["name"], cached["protocol"] = reference_set(config)
+        result = evaluate_generator(
+            generator, reference_images=cached["images"], reference_name=cached["name"],
+            protocol=cached["protocol"], batch_size=config.eval.batch_size,
+            seed=config.eval.seed, cache_dir=Path(config.eval.cache_dir).expanduser(),
+            inception_weights=config.eval.inception_weights, ema=is_ema, step=step,
+            progress=show_progress)
+        if show_progress:
+            tqdm.write(f"step {step}: FID {result['fid']:.3f}, IS {result['is_mean']:.3f} "
+                       f"({result['protocol']}, {result['num_samples']} samples)")
+        return result
+
+    return evaluate
+
+
+def evaluate_checkpoint(config: Config, path: Path, use_ema: bool = True,
+                        show_progress: bool = True) -> dict[str, Any]:
+    """FID and IS of a checkpoint's generator; prints a table and writes
+    ``<checkpoint>-eval-<protocol>.json`` beside the checkpoint."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sampled = load_generator(path, ema=use_ema and config.eval.use_ema, device=device)
+    for key in ("dataset", "image_size"):
+        trained, given = getattr(sampled.config.data, key), getattr(config.data, key)
+        if trained != given:
+            raise UserError(f"{path}: trained with data.{key} = {trained!r} but the config "
+                            f"says {given!r}")
+    images, name, protocol = reference_set(config)
+    out_path = path.with_name(f"{path.stem}-eval-{protocol.name}.json")
+    result = evaluate_generator(
+        sampled.generator, reference_images=images, reference_name=name, protocol=protocol,
+        batch_size=config.eval.batch_size, seed=config.eval.seed,
+        cache_dir=Path(config.eval.cache_dir).expanduser(),
+        inception_weights=config.eval.inception_weights, ema=sampled.is_ema,
+        step=sampled.step, progress=show_progress)
+    result["checkpoint"] = str(path)
+    with atomic_output(out_path) as tmp_path:
+        tmp_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_results_table(result))
+    print(out_path)
+    return result

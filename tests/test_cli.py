@@ -1,0 +1,87 @@
+"""End to end through the real entry point: run.py's main, on the fake CIFAR-10."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import eagan
+from eagan import checkpoint as ckpt
+from eagan.cli import main
+
+
+def run_cli(*args) -> int:
+    return main([str(arg) for arg in args] + ["--no-progress"])
+
+
+@pytest.fixture
+def trained_run(tiny_config_path, tmp_path):
+    assert run_cli("-c", tiny_config_path, "--train") == 0
+    return tmp_path / "run"
+
+
+def test_train_writes_checkpoints_tensorboard_and_jsonl(trained_run):
+    assert sorted(p.name for p in trained_run.glob("ckpt-*.pt")) == \
+        ["ckpt-0000002.pt", "ckpt-0000004.pt"]
+    events = EventAccumulator(str(trained_run / "tensorboard"))
+    events.Reload()
+    assert {"Samples/real", "Samples/fixed_z", "Attention/generator"} <= \
+        set(events.Tags()["images"])
+    assert "Loss/D/real" in events.Tags()["scalars"]
+    assert [e.step for e in events.Images("Samples/fixed_z")] == [2, 4]
+    lines = (trained_run / "stats.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 4]
+
+
+def test_sample_writes_class_grid_npz_interpolation_and_attention(trained_run, tmp_path):
+    out = tmp_path / "samples"
+    code = run_cli("-c", trained_run.parent / "tiny.yaml", "--sample", "--ckpt", trained_run,
+                   "--out", out, "--num-samples", 12, "--interpolate", "--attention")
+    assert code == 0
+    stem = "run-step4"
+    grid = np.asarray(Image.open(out / f"{stem}-grid.png"))
+    # 10 classes, one row each, 8 images of 32 px with 2 px padding.
+    assert grid.shape == (2 + 10 * 34, 2 + 8 * 34, 3)
+    with np.load(out / f"{stem}-samples.npz") as samples:
+        assert samples["arr_0"].shape == (12, 32, 32, 3) and samples["arr_0"].dtype == np.uint8
+        assert samples["labels"].shape == (12,) and samples["labels"].max() < 10
+    assert (out / f"{stem}-interpolation.png").is_file()
+    attention = np.asarray(Image.open(out / f"{stem}-attention.png"))
+    # Each of 8 rows: the image then 6 memory-unit maps.
+    assert attention.shape == (2 + 8 * 34, 2 + 7 * 34, 3)
+
+
+def test_load_generator_samples_requested_classes(trained_run):
+    sampler = eagan.load_generator(trained_run / "ckpt-0000004.pt")
+    assert (sampler.step, sampler.num_classes, sampler.is_ema) == (4, 10, False)
+    labels = torch.tensor([3, 3, 7])
+    images, returned = sampler.sample(3, labels=labels, seed=5)
+    assert images.shape == (3, 3, 32, 32) and images.abs().max() <= 1
+    assert torch.equal(returned, labels)
+    again, _ = sampler.sample(3, labels=labels, seed=5)
+    assert torch.equal(images, again)
+
+
+def test_resume_continues_from_latest(tiny_config_path, tmp_path):
+    assert run_cli("-c", tiny_config_path, "--train", "--set", "train.total_steps=2") == 0
+    assert run_cli("-c", tiny_config_path, "--train", "--resume") == 0
+    payload = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert payload["step"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train", "--eval"], "not allowed with argument"),
+    ([], "one of the arguments --train --eval --sample is required"),
+    (["--sample"], "--sample needs --ckpt"),
+    (["--eval"], "--eval needs --ckpt"),
+    (["--sample", "--ckpt", "nowhere.pt"], "nowhere.pt: checkpoint not found"),
+    (["--train", "--set", "train.lr_g=-1"], "train.lr_g: expected a value > 0"),
+    (["--train", "--resume"], "holds no checkpoint"),
+])
+def test_user_errors_exit_2_with_one_line(tiny_config_path, capsys, args, message):
+    assert run_cli("-c", tiny_config_path, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert message in err
