@@ -425,16 +425,17 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool,
     A folder holding another run is refused rather than mixed; a folder holding this run's
     checkpoints needs --resume. The resolved config is written as config.yaml.
     """
-    latest = None
     if context.is_main:
         ensure_writable_dir(run_dir, "the run folder")
         remove_stale_temporaries(run_dir)
     barrier(context)
     latest = ckpt.latest_checkpoint(run_dir)
     recorded = run_dir / "config.yaml"
+    holds_run = latest is not None or recorded.exists()
+    barrier(context)  # every rank has looked before rank 0 writes config.yaml
     if resume and latest is None:
         raise UserError(f"{run_dir}: --resume given but the run folder holds no checkpoint")
-    if not resume and (latest is not None or recorded.exists()):
+    if not resume and holds_run:
         raise UserError(f"{run_dir}: the run folder already holds a run; pass --resume to "
                         f"continue it or choose another run_dir")
     if context.is_main and not resume:
