@@ -29,8 +29,13 @@ def step_path(run_dir: Path, step: int) -> Path:
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     """Write atomically: a crash or a full disk keeps the previous file under ``path``."""
-    with atomic_output(path) as tmp_path:
-        torch.save(payload, tmp_path)
+    try:
+        with atomic_output(path) as tmp_path:
+            torch.save(payload, tmp_path)
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as Runtime
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        raise UserError(f"{path}: cannot write the checkpoint ({reason}); the previous "
+                        f"checkpoints are kept") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

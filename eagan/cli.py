@@ -18,6 +18,7 @@ from eagan.sampling import BN_MODES, class_grid_labels, grid_image, load_generat
     write_npz
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        # Training saves and exits on its own; this is an interrupt while loading or sampling.
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _train(config: Config, args: argparse.Namespace) -> int:

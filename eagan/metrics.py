@@ -322,11 +322,16 @@ class Inception:
     @classmethod
     def load(cls, weights: str | Path | None, device: torch.device | str,
              progress: bool = False) -> Inception:
-        """Load from a weights file (None: torch-fidelity's default file, downloaded once)."""
+        """Load from a weights file (None: torch-fidelity's default file, downloaded once).
+        Load once and reuse: this checks and hashes the file and builds the network."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         path = resolve_inception_weights(weights, progress=progress)
         sha256 = check_inception_weights(path)
-        with _device_scope(device):
+        # Building the network runs PyTorch's default init, which draws from the global CPU RNG:
+        # fork it, so that loading Inception mid-training does not shift the training stream.
+        with torch.random.fork_rng(devices=[]), _device_scope(device):
             extractor = create_feature_extractor(
                 FEATURE_EXTRACTOR, [FID_LAYER, IS_LAYER], cuda=device.type == "cuda",
                 feature_extractor_weights_path=str(path), verbose=False)
@@ -440,25 +445,26 @@ def _module_device(module: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def evaluate_generator(generator: nn.Module, *, reference_images: Tensor | np.ndarray,
-                       reference_name: str, protocol: Protocol, batch_size: int, seed: int,
-                       cache_dir: str | Path, inception_weights: str | Path | None = None,
+def evaluate_generator(generator: nn.Module, inception: Inception, *,
+                       reference_images: Tensor | np.ndarray, reference_name: str,
+                       protocol: Protocol, batch_size: int, seed: int, cache_dir: str | Path,
                        ema: bool = False, step: int | None = None,
                        progress: bool = False) -> dict[str, Any]:
     """FID and IS of ``generator`` under ``protocol`` against uint8 reference images
-    (N, 3, H, W), on the generator's device.
+    (N, 3, H, W).
 
     ``generator``: any module with forward(z, labels) -> images in [-1, 1], attributes z_dim and
-    num_classes (0: unconditional, called with labels=None). It is left exactly as it was:
-    same train/eval flags, same parameters and buffers. ``reference_name`` (e.g.
-    "cifar10-test") names the reference in the cache and the results; ``ema`` and ``step`` are
-    recorded as given. In "batch" BN mode the numbers depend on ``batch_size``, so it is
-    recorded too.
+    num_classes (0: unconditional, called with labels=None), on ``inception``'s device. It is
+    left exactly as it was: same train/eval flags, parameters and buffers; the global RNGs are
+    not touched either. ``reference_name`` (e.g. "cifar10-test") names the reference in the
+    cache and the results; ``ema`` and ``step`` are recorded as given. In "batch" BN mode the
+    numbers depend on ``batch_size``, so it is recorded too.
     """
     start = time.perf_counter()
-    reference_images = torch.as_tensor(reference_images)
     device = _module_device(generator)
-    inception = Inception.load(inception_weights, device, progress=progress)
+    if device != inception.device:
+        raise ValueError(f"the generator is on {device} but Inception on {inception.device}")
+    reference_images = torch.as_tensor(reference_images)
     mu_ref, sigma_ref = reference_statistics(inception, reference_images, reference_name,
                                              Path(cache_dir), batch_size, progress=progress)
     with bn_mode(generator, protocol.bn_mode):

@@ -223,6 +223,10 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
         fixed_z = payload["fixed_z"].to(device)
         start_step, best_fid = payload["step"], payload.get("best_fid")
 
+    if context.is_main and resume_from is None:
+        with atomic_output(run_dir / "config.yaml") as tmp_path:
+            tmp_path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
     # ---- Distributed wrappers and compilation ------------------------------------------------
     g_update, d_update = generator, discriminator
     if context.enabled:
@@ -368,9 +372,10 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     progress.close()
     if tracker is not None:
         tracker.close()
-    if context.is_main and show_progress:
-        where = f"best FID {best_fid:.3f}, " if best_fid is not None else ""
-        tqdm.write(f"stopped at step {step}: {where}checkpoints, logs and grids in {run_dir}")
+    if context.is_main:
+        why = " on a signal" if stop_request.requested else ""
+        best = f"best FID {best_fid:.3f}, " if best_fid is not None else ""
+        tqdm.write(f"stopped at step {step}{why}: {best}checkpoints, logs and grids in {run_dir}")
     return TrainResult(run_dir=run_dir, step=step, best_fid=best_fid, last_stats=last_stats)
 
 
@@ -423,7 +428,8 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool,
     """Check the run folder and return the checkpoint to resume from, if any.
 
     A folder holding another run is refused rather than mixed; a folder holding this run's
-    checkpoints needs --resume. The resolved config is written as config.yaml.
+    checkpoints needs --resume. Nothing is written here: config.yaml follows once the data and
+    networks have been checked, so a failed start leaves no run behind.
     """
     if context.is_main:
         ensure_writable_dir(run_dir, "the run folder")
@@ -438,9 +444,6 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool,
     if not resume and holds_run:
         raise UserError(f"{run_dir}: the run folder already holds a run; pass --resume to "
                         f"continue it or choose another run_dir")
-    if context.is_main and not resume:
-        with atomic_output(recorded) as tmp_path:
-            tmp_path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     return latest
 
 

@@ -281,11 +281,18 @@ def test_check_accepts_the_standin_and_returns_its_sha256(standin_weights):
         standin_weights.read_bytes()).hexdigest()
 
 
+def test_loading_inception_leaves_the_global_rng_alone(standin_weights):
+    # Building the network runs PyTorch's default init; the trainer's RNG stream must not move.
+    state = torch.get_rng_state()
+    Inception.load(standin_weights, "cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def _write_bad_weights(kind: str, path: Path, standin_weights: Path) -> None:
     if kind == "garbage":
         path.write_bytes(b"\x00not a checkpoint\xff" * 64)
     elif kind == "python pickle":  # an arbitrary object: weights_only refuses it
-        path.write_bytes(pickle.dumps(Path("x")))
+        path.write_bytes(pickle.dumps(Path("x"), protocol=2))
     elif kind == "not a dict":
         torch.save([torch.zeros(2)], path)
     elif kind == "wrong keys":
@@ -397,10 +404,9 @@ def test_evaluate_generator_end_to_end(inception, standin_weights, base_images, 
     torch_rng, numpy_rng = torch.get_rng_state(), np.random.get_state()
 
     def evaluate():
-        return evaluate_generator(generator, reference_images=base_images,
+        return evaluate_generator(generator, inception, reference_images=base_images,
                                   reference_name="smooth-test", protocol=protocol, batch_size=8,
-                                  seed=7, cache_dir=cache_dir, inception_weights=standin_weights,
-                                  ema=True, step=1234)
+                                  seed=7, cache_dir=cache_dir, ema=True, step=1234)
 
     first, second = evaluate(), evaluate()  # the second reads the cached reference statistics
 

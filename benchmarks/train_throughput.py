@@ -1,0 +1,387 @@
+"""Training throughput of a config on this machine: iterations (G steps) and real images per
+second, the time of a step split into data, D step, G step, bookkeeping and logging, and peak
+memory, with the framework's own pieces (eagan.trainer's steps, eagan.data's batch sources).
+
+It checks one goal and prints a PASS/MISS line for it: the framework's own overhead (data,
+bookkeeping and logging) is under 5% of a step.
+
+    python benchmarks/train_throughput.py -c configs/demo_digits.yaml [--steps N] [--warmup W]
+        [--set section.key=value ...] [--device cpu|cuda] [--threads T] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+from eagan.config import Config, load_config  # noqa: E402
+from eagan.data import LoaderBatchSource, find_image_files, load_images, make_batch_source  # noqa: E402,E501
+from eagan.distributed import DistContext, resolve_device  # noqa: E402
+from eagan.errors import UserError  # noqa: E402
+from eagan.factory import build_discriminator, build_generator  # noqa: E402
+from eagan.losses import LOSSES  # noqa: E402
+from eagan.models import attention_gammas, count_parameters  # noqa: E402
+from eagan.tracking import Tracker  # noqa: E402
+from eagan.trainer import (GANModules, LatentSampler, NonFiniteLoss, StepOptions,  # noqa: E402
+                           _autocast, _update_ema, discriminator_step, generator_step)
+
+OVERHEAD_GOAL = 0.05  # data + bookkeeping + logging, as a share of a step
+PHASES = ("data", "d_step", "g_step", "bookkeeping", "logging")
+OVERHEAD_PHASES = ("data", "bookkeeping", "logging")
+PHASE_LABELS = {"data": "data (batches, z, labels)", "d_step": "D steps", "g_step": "G step",
+                "bookkeeping": "bookkeeping", "logging": "logging (amortised)"}
+MEMORY_METHODS = {
+    "cuda": "torch.cuda.max_memory_allocated over the timed steps",
+    "cpu": "peak resident set size of this whole process since it started "
+           "(resource.getrusage ru_maxrss): Python, libraries and the dataset included",
+}
+
+
+@dataclass
+class Report:
+    config: str
+    device: str
+    threads: int
+    load_average: tuple[float, float, float]
+    settings: dict[str, object]
+    steps: int
+    warmup: int
+    ms_per_step: dict[str, float]  # mean per G step; logging amortised over log_every steps
+    ms_per_log_tick: float
+    step_ms_median: float
+    iterations_per_s: float
+    images_per_s: float
+    free_running_iterations_per_s: float | None  # CUDA only: without per-phase synchronisation
+    peak_memory_mib: float
+    memory_method: str
+    overhead_share: float
+    verdict: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--config", type=Path, default=Path("configs/demo_digits.yaml"))
+    parser.add_argument("--steps", type=int, default=30, help="timed G steps (default 30)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed G steps first: allocator, oneDNN/cuDNN autotuning, compile")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="config override, as the CLI's --set")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: the config's train.device (auto: CUDA when present)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 on a busy machine")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    for name in ("steps", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    return args
+
+
+class PhaseClock:
+    """Wall time per phase: each lap charges the time since the previous lap to one phase.
+
+    On CUDA every lap synchronises first, so the kernels a phase queued are charged to it. A
+    disabled clock does nothing (no synchronisation) and every lap reads 0.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+        self.device, self.enabled = device, enabled
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.last = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            self._sync()
+            self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> float:
+        if not self.enabled:
+            return 0.0
+        self._sync()
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        self.totals[phase] += elapsed
+        return elapsed
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class Setup:
+    gan: GANModules
+    options: StepOptions
+    generator_ema: nn.Module | None
+    batches: object  # DeviceBatchSource or LoaderBatchSource
+    latents: LatentSampler
+    num_classes: int
+    data_note: str
+
+
+def build_like_trainer(config: Config, device: torch.device) -> Setup:
+    """Data, networks, optimizers, scalers and step options as eagan.trainer._train builds them
+    for one process (no DDP, no resume). Mirrors its stages line for line: keep them in step."""
+    tc, data = config.train, config.data
+    context = DistContext(rank=0, world_size=1, device=device)
+    torch.manual_seed(tc.seed)
+    common = dict(batch_size=tc.batch_size, seed=tc.seed, device=device, hflip=data.hflip,
+                  rank=0, world_size=1)
+    if data.in_memory or data.dataset in ("cifar10", "digits"):
+        dataset = load_images(data.dataset, data.root, "train", data.image_size,
+                              download=data.download)
+        batches = make_batch_source(dataset, **common)
+        data_note = f"device-resident {data.dataset} ({len(dataset.labels)} images)"
+    else:
+        dataset = find_image_files(data.dataset, data.root, "train")
+        batches = LoaderBatchSource(dataset, data.image_size, num_workers=data.num_workers,
+                                    **common)
+        data_note = (f"DataLoader, {data.num_workers} workers, {data.dataset} "
+                     f"({len(dataset.labels)} files)")
+    num_classes = dataset.num_classes if config.model.conditional else 0
+
+    generator = build_generator(config.model, data.image_size, num_classes).to(device)
+    discriminator = build_discriminator(config.model, data.image_size, num_classes).to(device)
+    if tc.channels_last:
+        generator.to(memory_format=torch.channels_last)
+        discriminator.to(memory_format=torch.channels_last)
+    generator_ema = None
+    if tc.ema_decay > 0:
+        generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
+    adam = dict(eps=tc.adam_eps, betas=(tc.beta1, tc.beta2), fused=tc.fused_adam or None)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr_g, **adam)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.lr_d, **adam)
+    scaler_g = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    scaler_d = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    latents = LatentSampler(config.model.z_dim, num_classes, tc.batch_size, context,
+                            seed=tc.seed + 1)
+    g_update, d_update = generator, discriminator
+    g_forward, d_forward = generator, discriminator
+    if tc.compile:
+        g_update, d_update = torch.compile(g_update), torch.compile(d_update)
+        g_forward, d_forward = torch.compile(generator), torch.compile(discriminator)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    gan = GANModules(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, g_update,
+                     d_update, g_forward, d_forward)
+    d_loss_fn, g_loss_fn = LOSSES[tc.loss]
+    options = StepOptions(d_loss=d_loss_fn, g_loss=g_loss_fn,
+                          autocast=functools.partial(_autocast, tc.precision, device),
+                          channels_last=tc.channels_last, nonfinite=tc.nonfinite)
+    return Setup(gan, options, generator_ema, batches, latents, num_classes, data_note)
+
+
+def run_steps(setup: Setup, config: Config, first_step: int, count: int,
+              clock: PhaseClock | None, tracker: Tracker, progress: tqdm
+              ) -> tuple[list[float], list[float]]:
+    """Training iterations first_step + 1 .. first_step + count exactly as the trainer's loop
+    runs them (n_dis D updates, one G update, the non-finite check, EMA, loss sums, progress
+    bar, a log tick every log_every steps and at the last one); with a clock, each part is
+    charged to its phase. Returns the seconds of each iteration without its log tick, and of
+    each log tick."""
+    tc, gan, options = config.train, setup.gan, setup.options
+    device = setup.latents.device
+    clock = clock or PhaseClock(device, enabled=False)
+    running = torch.zeros(4, device=device)  # sums of D real, D fake, D total, G losses
+    running_count, step, last_step = 0, first_step, first_step + count
+    iteration_times, tick_times = [], []
+    while step < last_step:
+        clock.start()
+        d_bad = torch.zeros((), dtype=torch.bool, device=device)
+        iteration = clock.lap("bookkeeping")
+        for _ in range(tc.n_dis):
+            real, real_labels = setup.batches.next()
+            z, fake_labels = setup.latents.draw()
+            iteration += clock.lap("data")
+            loss_d, loss_real, loss_fake = discriminator_step(
+                gan, options, real, real_labels if setup.num_classes else None, z,
+                fake_labels, step)
+            iteration += clock.lap("d_step")
+            d_bad |= ~torch.isfinite(loss_d)
+            iteration += clock.lap("bookkeeping")
+        z, fake_labels = setup.latents.draw()
+        iteration += clock.lap("data")
+        loss_g = generator_step(gan, options, z, fake_labels, step)
+        iteration += clock.lap("g_step")
+        step += 1
+        if tc.nonfinite == "stop":
+            bad = torch.stack([d_bad, ~torch.isfinite(loss_g)]).tolist()
+            if any(bad):
+                raise NonFiniteLoss(f"step {step}: a loss is not finite; the benchmark stopped")
+        if setup.generator_ema is not None:
+            decay = tc.ema_decay if step > tc.ema_start_step else 0.0
+            _update_ema(setup.generator_ema, gan.generator, decay)
+        running += torch.stack([loss_real, loss_fake, loss_d, loss_g]).detach().float()
+        running_count += 1
+        progress.update(1)
+        iteration_times.append(iteration + clock.lap("bookkeeping"))
+        if step % tc.log_every == 0 or step == last_step:
+            log_tick(setup, tracker, step, running, running_count)
+            running.zero_()
+            running_count = 0
+            tick_times.append(clock.lap("logging"))
+    return iteration_times, tick_times
+
+
+def log_tick(setup: Setup, tracker: Tracker, step: int, running: Tensor,
+             running_count: int) -> None:
+    """The statistics the trainer gathers and writes at a log tick."""
+    gan = setup.gan
+    means = (running / running_count).tolist()
+    stats = {"Loss/D/real": means[0], "Loss/D/fake": means[1], "Loss/D/total": means[2],
+             "Loss/G/total": means[3], "Progress/lr_g": gan.opt_g.param_groups[0]["lr"],
+             "Progress/lr_d": gan.opt_d.param_groups[0]["lr"], "Timing/steps_per_sec": 0.0}
+    for prefix, network in (("G", gan.generator), ("D", gan.discriminator)):
+        stats.update({f"Attention/gamma/{prefix}/{name}": value
+                      for name, value in attention_gammas(network).items()})
+    if setup.latents.device.type == "cuda":
+        stats["Resources/peak_gpu_mem_gb"] = \
+            torch.cuda.max_memory_allocated(setup.latents.device) / 2**30
+    tracker.scalars(step, stats)
+
+
+def measure(config: Config, config_path: Path, device: torch.device, steps: int,
+            warmup: int) -> Report:
+    setup = build_like_trainer(config, device)
+    tc = config.train
+    with tempfile.TemporaryDirectory(prefix="eagan-bench-") as run_dir, \
+            open(os.devnull, "w") as devnull:
+        # The progress bar and the logs do what the trainer's do, into throwaway places.
+        tracker = Tracker(Path(run_dir))
+        progress = tqdm(total=warmup + 2 * steps, file=devnull, dynamic_ncols=True)
+        try:
+            run_steps(setup, config, 0, warmup, None, tracker, progress)
+            free_running = None
+            if device.type == "cuda":
+                # Per-phase synchronisation stalls the queue: measure iterations/s without it.
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                run_steps(setup, config, warmup, steps, None, tracker, progress)
+                torch.cuda.synchronize(device)
+                free_running = steps / (time.perf_counter() - start)
+                torch.cuda.reset_peak_memory_stats(device)
+            clock = PhaseClock(device)
+            iteration_times, tick_times = run_steps(setup, config, warmup, steps, clock, tracker,
+                                                    progress)
+        finally:
+            progress.close()
+            tracker.close()
+    # A short run ends with a log tick, as training does at its last step: charge logging at
+    # the rate training pays it, once per log_every steps.
+    ms_per_tick = 1e3 * statistics.mean(tick_times)
+    ms = {phase: 1e3 * clock.totals[phase] / steps for phase in PHASES if phase != "logging"}
+    ms["logging"] = ms_per_tick / tc.log_every
+    step_ms = sum(ms.values())
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+    overhead = sum(ms[phase] for phase in OVERHEAD_PHASES) / step_ms
+    settings = {
+        "batch_size": tc.batch_size, "n_dis": tc.n_dis, "precision": tc.precision,
+        "channels_last": tc.channels_last, "compile": tc.compile, "fused_adam": tc.fused_adam,
+        "ema": tc.ema_decay > 0, "log_every": tc.log_every,
+        "attention": config.model.attention, "image_size": config.data.image_size,
+        "g_parameters": count_parameters(setup.gan.generator),
+        "d_parameters": count_parameters(setup.gan.discriminator), "data": setup.data_note,
+    }
+    iterations = 1e3 / step_ms
+    report = Report(
+        config=str(config_path), device=str(device), threads=torch.get_num_threads(),
+        load_average=os.getloadavg(), settings=settings, steps=steps, warmup=warmup,
+        ms_per_step=ms, ms_per_log_tick=ms_per_tick,
+        step_ms_median=1e3 * statistics.median(iteration_times), iterations_per_s=iterations,
+        images_per_s=iterations * tc.batch_size * tc.n_dis,
+        free_running_iterations_per_s=free_running, peak_memory_mib=peak,
+        memory_method=MEMORY_METHODS[device.type], overhead_share=overhead)
+    parts = ", ".join(f"{phase} {ms[phase]:.3f} ms" for phase in OVERHEAD_PHASES)
+    report.verdict = (f"{'PASS' if overhead < OVERHEAD_GOAL else 'MISS'}  framework overhead "
+                      f"(data + bookkeeping + logging) {100 * overhead:.2f}% of a "
+                      f"{step_ms:.1f} ms step (goal < {100 * OVERHEAD_GOAL:.0f}%): {parts}")
+    report.notes.append(f"logging: {len(tick_times)} log tick(s) measured, {ms_per_tick:.2f} ms "
+                        f"each, charged once per train.log_every = {tc.log_every} steps")
+    report.notes.append("not included: sample grids, attention maps, checkpoints and evaluation "
+                        "(every sample_every / checkpoint_every / eval.every steps)")
+    return report
+
+
+def format_report(report: Report) -> str:
+    s = report.settings
+    load = " / ".join(f"{value:.2f}" for value in report.load_average)
+    step_ms = sum(report.ms_per_step.values())
+    lines = [
+        f"{report.config} on {report.device}: {report.threads} torch thread(s), "
+        f"load average {load} (1/5/15 min) on {os.cpu_count()} cores",
+        f"batch {s['batch_size']}, n_dis {s['n_dis']}, {s['precision']}, channels_last "
+        f"{'on' if s['channels_last'] else 'off'}, compile {'on' if s['compile'] else 'off'}, "
+        f"EMA {'on' if s['ema'] else 'off'}, attention {s['attention']}, "
+        f"{s['image_size']}x{s['image_size']}; G {s['g_parameters'] / 1e6:.3f} M, "
+        f"D {s['d_parameters'] / 1e6:.3f} M parameters",
+        f"data: {s['data']}",
+        f"{report.steps} timed G steps after {report.warmup} warm-up steps",
+        "",
+        f"{'phase':<28} {'ms/step':>9} {'share':>7}",
+        "-" * 46,
+    ]
+    for phase in PHASES:
+        value = report.ms_per_step[phase]
+        lines.append(f"{PHASE_LABELS[phase]:<28} {value:>9.3f} {100 * value / step_ms:>6.2f}%")
+    lines += [
+        "-" * 46,
+        f"{'step (mean)':<28} {step_ms:>9.3f} {100.0:>6.2f}%",
+        f"{'step (median)':<28} {report.step_ms_median:>9.3f}",
+        "",
+        f"{'iterations/s (G steps)':<28} {report.iterations_per_s:>9.2f}",
+    ]
+    if report.free_running_iterations_per_s is not None:
+        lines.append(f"{'iterations/s, free-running':<28} "
+                     f"{report.free_running_iterations_per_s:>9.2f}  (no per-phase sync)")
+    lines += [
+        f"{'images/s (real, into D)':<28} {report.images_per_s:>9.1f}",
+        f"{'peak memory':<28} {report.peak_memory_mib:>9.1f} MiB  ({report.memory_method})",
+        *report.notes,
+        report.verdict,
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    overrides = list(args.overrides)
+    if args.device is not None:
+        overrides.append(f"train.device={args.device}")
+    try:
+        config = load_config(args.config, overrides)
+        device = resolve_device(config.train.device)
+        report = measure(config, args.config, device, args.steps, args.warmup)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

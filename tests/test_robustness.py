@@ -1,0 +1,212 @@
+"""Bad input through the real CLI: one line naming the file, key or path, exit code 2, and no
+file written, changed or removed."""
+import hashlib
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from eagan.cli import main
+from tests.conftest import TINY_CONFIG
+from tests.fakedata import write_image_folder
+
+
+@dataclass
+class Workspace:
+    root: Path
+    config: Path  # the tiny config, run folder root/run
+    trained: Path  # a finished run of the tiny config (read only)
+
+    def write_config(self, name: str, text: str) -> Path:
+        path = self.root / name
+        path.write_text(text)
+        return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, cifar_root):
+    folder = tmp_path_factory.mktemp("trained")
+    config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
+    config["data"]["root"] = str(cifar_root)
+    config["run_dir"] = str(folder / "run")
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
+    assert main(["-c", str(folder / "tiny.yaml"), "--train", "--no-progress",
+                 "--set", "train.total_steps=2"]) == 0
+    return folder / "run"
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_config_path, trained_run, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return Workspace(tmp_path, tiny_config_path, trained_run)
+
+
+def folder_dataset(ws: Workspace, build) -> list[str]:
+    root = ws.root / "images"
+    build(root)
+    return ["-c", ws.config, "--train", "--set", "data.dataset=folder",
+            "--set", f"data.root={root}"]
+
+
+def corrupt_image(root: Path) -> None:
+    write_image_folder(root, ["cats", "dogs"], n_per_class=2, size=32)
+    (root / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+
+
+def empty_class(root: Path) -> None:
+    write_image_folder(root, ["cats"], n_per_class=2, size=32)
+    (root / "dogs").mkdir()
+
+
+def truncated_checkpoint(ws: Workspace) -> Path:
+    data = (ws.trained / "ckpt-0000002.pt").read_bytes()
+    path = ws.root / "truncated.pt"
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def foreign_checkpoint(ws: Workspace) -> Path:
+    path = ws.root / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    return path
+
+
+def copied_run(ws: Workspace) -> Path:
+    shutil.copytree(ws.trained, ws.root / "run")
+    return ws.root / "run"
+
+
+def a_file(ws: Workspace) -> Path:
+    path = ws.root / "plain.txt"
+    path.write_text("not a folder")
+    return path
+
+
+def garbage_weights(ws: Workspace) -> Path:
+    path = ws.root / "inception.pth"
+    path.write_bytes(b"garbage" * 100)
+    return path
+
+
+def digits_config(ws: Workspace) -> Path:
+    config = yaml.safe_load(ws.config.read_text())
+    config["data"]["dataset"] = "digits"
+    return ws.write_config("digits.yaml", yaml.safe_dump(config))
+
+
+# (id, arguments given the workspace, fragments the message must contain)
+CASES = [
+    ("malformed-yaml", lambda ws: ["-c", ws.write_config("bad.yaml", "train: [1\n"), "--train"],
+     ["bad.yaml", "malformed YAML"]),
+    ("top-level-not-mapping", lambda ws: ["-c", ws.write_config("list.yaml", "- 1\n"),
+                                          "--train"], ["list.yaml", "mapping"]),
+    ("unknown-key", lambda ws: ["-c", ws.write_config("typo.yaml", "train:\n  lr_gg: 1.0\n"),
+                                "--train"], ["typo.yaml", "train.lr_gg", "train.lr_g"]),
+    ("wrong-type", lambda ws: ["-c", ws.write_config("type.yaml", "train:\n  n_dis: five\n"),
+                               "--train"], ["type.yaml", "train.n_dis", "expected int"]),
+    ("negative-lr", lambda ws: ["-c", ws.config, "--train", "--set", "train.lr_g=-0.1"],
+     ["train.lr_g", "> 0"]),
+    ("zero-batch", lambda ws: ["-c", ws.config, "--train", "--set", "train.batch_size=0"],
+     ["train.batch_size", "> 0"]),
+    ("n-dis-zero", lambda ws: ["-c", ws.config, "--train", "--set", "train.n_dis=0"],
+     ["train.n_dis", "> 0"]),
+    ("unbuildable-size", lambda ws: ["-c", ws.config, "--train", "--set", "data.image_size=48"],
+     ["data.image_size", "32, 64, 128"]),
+    ("unbuildable-width", lambda ws: ["-c", ws.config, "--train", "--set",
+                                      "model.attention=self", "--set", "model.g_base_channels=3"],
+     ["model", "generator", "divisible by 8"]),
+    ("attention-after-too-deep", lambda ws: ["-c", ws.config, "--train", "--set",
+                                             "model.d_attention_after=9"],
+     ["model.d_attention_after", "4 blocks"]),
+    ("override-without-equals", lambda ws: ["-c", ws.config, "--train", "--set", "train.lr_g"],
+     ["--set train.lr_g", "section.key=value"]),
+    ("missing-config", lambda ws: ["-c", ws.root / "absent.yaml", "--train"],
+     ["absent.yaml", "not found"]),
+    ("two-modes", lambda ws: ["-c", ws.config, "--train", "--sample"], ["not allowed with"]),
+    ("no-mode", lambda ws: ["-c", ws.config], ["--train --eval --sample", "required"]),
+    ("missing-dataset-folder", lambda ws: ["-c", ws.config, "--train", "--set",
+                                           "data.dataset=folder", "--set",
+                                           f"data.root={ws.root / 'nowhere'}"], ["nowhere"]),
+    ("empty-dataset-folder", lambda ws: folder_dataset(ws, lambda r: r.mkdir()),
+     ["images", "no image"]),
+    ("corrupt-image", lambda ws: folder_dataset(ws, corrupt_image), ["broken.png"]),
+    ("class-folder-without-images", lambda ws: folder_dataset(ws, empty_class),
+     ["dogs", "no image"]),
+    ("cifar-absent-offline", lambda ws: ["-c", ws.config, "--train", "--set",
+                                         f"data.root={ws.root / 'nocifar'}"],
+     ["nocifar", "cifar-10-python.tar.gz"]),
+    ("tiny-imagenet-absent", lambda ws: ["-c", ws.config, "--train", "--set",
+                                         "data.dataset=tiny_imagenet", "--set",
+                                         "data.image_size=64", "--set",
+                                         f"data.root={ws.root / 'notiny'}"],
+     ["notiny", "tiny-imagenet-200"]),
+    ("truncated-checkpoint", lambda ws: ["-c", ws.config, "--sample", "--ckpt",
+                                         truncated_checkpoint(ws), "--out", ws.root / "out"],
+     ["truncated.pt", "not a readable checkpoint"]),
+    ("foreign-checkpoint", lambda ws: ["-c", ws.config, "--sample", "--ckpt",
+                                       foreign_checkpoint(ws), "--out", ws.root / "out"],
+     ["foreign.pt", "not an EAGAN checkpoint"]),
+    ("checkpoint-folder-without-checkpoints", lambda ws: ["-c", ws.config, "--sample", "--ckpt",
+                                                          ws.root, "--out", ws.root / "out"],
+     ["holds no checkpoint"]),
+    ("resume-other-architecture", lambda ws: [
+        "-c", ws.config, "--train", "--resume", "--set", f"run_dir={copied_run(ws)}",
+        "--set", "model.attention=self", "--set", "model.memory_size=16"],
+     ["ckpt-0000002.pt", "cannot resume", "model.attention: 'external' -> 'self'",
+      "model.memory_size: 8 -> 16"]),
+    ("eval-without-checkpoint", lambda ws: ["-c", ws.config, "--eval"], ["--eval needs --ckpt"]),
+    ("sample-without-checkpoint", lambda ws: ["-c", ws.config, "--sample"],
+     ["--sample needs --ckpt"]),
+    ("bad-inception-weights", lambda ws: [
+        "-c", ws.config, "--eval", "--ckpt", ws.trained, "--num-samples", "4",
+        "--inception-weights", garbage_weights(ws)], ["inception.pth"]),
+    ("missing-inception-weights", lambda ws: [
+        "-c", ws.config, "--eval", "--ckpt", ws.trained, "--num-samples", "4",
+        "--inception-weights", ws.root / "absent.pth"], ["absent.pth"]),
+    ("eval-config-of-another-dataset", lambda ws: [
+        "-c", digits_config(ws), "--eval", "--ckpt", ws.trained, "--num-samples", "4"],
+     ["data.dataset", "cifar10", "digits"]),
+    ("unwritable-output-folder", lambda ws: ["-c", ws.config, "--sample", "--ckpt", ws.trained,
+                                             "--out", a_file(ws) / "samples"],
+     ["plain.txt", "not writable"]),
+    ("unwritable-run-folder", lambda ws: ["-c", ws.config, "--train", "--set",
+                                          f"run_dir={a_file(ws) / 'run'}"],
+     ["plain.txt", "not writable"]),
+    ("run-folder-holds-a-run", lambda ws: ["-c", ws.config, "--train", "--set",
+                                           f"run_dir={copied_run(ws)}"],
+     ["already holds a run", "--resume"]),
+    ("resume-without-checkpoint", lambda ws: ["-c", ws.config, "--train", "--resume"],
+     ["holds no checkpoint"]),
+    ("zero-samples", lambda ws: ["-c", ws.config, "--sample", "--ckpt", ws.trained,
+                                 "--num-samples", "0"], ["--num-samples", "> 0"]),
+]
+
+
+def tree_state(*folders: Path) -> dict[Path, str]:
+    """Every file under the folders with a hash of its bytes."""
+    return {path: hashlib.sha256(path.read_bytes()).hexdigest()
+            for folder in folders for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("make_args, fragments", [case[1:] for case in CASES],
+                         ids=[case[0] for case in CASES])
+def test_bad_input_is_one_line_exit_2_and_nothing_changes(workspace, capsys, make_args,
+                                                           fragments):
+    args = [str(arg) for arg in make_args(workspace)]
+    before = tree_state(workspace.root, workspace.trained)
+    code = main(args + ["--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    for fragment in fragments:
+        assert fragment in captured.err
+    assert tree_state(workspace.root, workspace.trained) == before
