@@ -11,7 +11,6 @@ bookkeeping and logging) is under 5% of a step.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import json
@@ -30,7 +29,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 from eagan.config import Config, load_config  # noqa: E402
-from eagan.data import LoaderBatchSource, find_image_files, load_images, make_batch_source  # noqa: E402,E501
+from eagan.data import (DeviceBatchSource, LoaderBatchSource, find_image_files,  # noqa: E402
+                        load_images, make_batch_source)
 from eagan.distributed import DistContext, resolve_device  # noqa: E402
 from eagan.errors import UserError  # noqa: E402
 from eagan.factory import build_discriminator, build_generator  # noqa: E402
@@ -46,9 +46,8 @@ OVERHEAD_PHASES = ("data", "bookkeeping", "logging")
 PHASE_LABELS = {"data": "data (batches, z, labels)", "d_step": "D steps", "g_step": "G step",
                 "bookkeeping": "bookkeeping", "logging": "logging (amortised)"}
 MEMORY_METHODS = {
-    "cuda": "torch.cuda.max_memory_allocated over the timed steps",
-    "cpu": "peak resident set size of this whole process since it started "
-           "(resource.getrusage ru_maxrss): Python, libraries and the dataset included",
+    "cuda": "CUDA: torch.cuda.max_memory_allocated over the timed steps",
+    "cpu": "CPU: peak RSS of the whole process, resource.getrusage ru_maxrss",
 }
 
 
@@ -132,7 +131,7 @@ class Setup:
     gan: GANModules
     options: StepOptions
     generator_ema: nn.Module | None
-    batches: object  # DeviceBatchSource or LoaderBatchSource
+    batches: DeviceBatchSource | LoaderBatchSource
     latents: LatentSampler
     num_classes: int
     data_note: str
@@ -383,5 +382,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())
+    sys.exit(main())

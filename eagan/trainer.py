@@ -234,8 +234,10 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
         d_update = DistributedDataParallel(discriminator)
     g_forward, d_forward = generator, discriminator
     if tc.compile:
-        g_update, d_update = torch.compile(g_update), torch.compile(d_update)
         g_forward, d_forward = torch.compile(generator), torch.compile(discriminator)
+        # Without DDP the update and plain forwards are one module: compile it once.
+        g_update = g_forward if g_update is generator else torch.compile(g_update)
+        d_update = d_forward if d_update is discriminator else torch.compile(d_update)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     gan = GANModules(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, g_update,

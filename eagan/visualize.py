@@ -44,7 +44,7 @@ def select_maps(block: GatedAttention2d, maps: Tensor, count: int = MAPS_PER_IMA
         index = torch.linspace(0, maps.shape[1] - 1, min(count, maps.shape[1])).round().long()
     else:
         spread = maps.flatten(2).std(dim=-1).mean(dim=0)  # (K,)
-        index = spread.argsort(descending=True)[:count]
+        index = spread.sort(descending=True, stable=True).indices[:count]
     return maps[:, index.to(maps.device)]
 
 

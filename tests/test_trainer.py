@@ -207,3 +207,26 @@ def test_same_seed_same_run(tmp_path, tiny_config_path):
         runs.append(ckpt.load_checkpoint(ckpt.step_path(config.run_dir, 2))["generator"])
     for name, value in runs[0].items():
         assert torch.equal(value, runs[1][name])
+
+
+def test_compiled_first_step_matches_eager(tmp_path, tiny_config_path, monkeypatch):
+    # Dynamo tracing and AOT autograd, where our modules meet the compiler (parametrizations,
+    # in-place power-iteration updates, autocast regions); inductor's C++ code generation
+    # would add minutes on 2 cores and is exercised by benchmarks/train_throughput.py.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    steps = ["train.total_steps=1", "train.n_dis=1", "train.checkpoint_every=1"]
+    results = {}
+    for compiled in (False, True):
+        config = load_config(tiny_config_path, [f"run_dir={tmp_path / str(compiled)}",
+                                                f"train.compile={str(compiled).lower()}", *steps])
+        try:
+            train(config, show_progress=False)
+        except Exception as error:  # noqa: BLE001 - report why compile cannot run here
+            if not compiled:
+                raise
+            pytest.skip(f"torch.compile does not work on this machine: {error}")
+        results[compiled] = ckpt.load_checkpoint(ckpt.step_path(config.run_dir, 1))
+    for network in ("generator", "discriminator"):
+        for name, value in results[False][network].items():
+            torch.testing.assert_close(results[True][network][name], value, rtol=1e-4,
+                                       atol=1e-5, msg=f"{network}.{name}")
