@@ -40,6 +40,7 @@ class DataConfig:
     root: str = "data"
     image_size: int = option(32, choices=IMAGE_SIZES)
     hflip: bool = True
+    resize: bool = True  # false: an image of another size than image_size is an error
     download: bool = True  # fetch CIFAR-10 when it is absent and the machine is online
     in_memory: bool = True  # the whole uint8 set on the training device; else a DataLoader
     num_workers: int = option(4, min=0)

@@ -96,7 +96,7 @@ class ImageFiles:
 
 
 def load_images(dataset: str, root: str | Path, split: str, image_size: int,
-                download: bool = True) -> ImageSet:
+                download: bool = True, resize: bool = True) -> ImageSet:
     """Read a dataset split into memory as uint8 images of image_size x image_size.
 
     dataset:
@@ -114,7 +114,8 @@ def load_images(dataset: str, root: str | Path, split: str, image_size: int,
         a permutation seeded with 0).
     Resizing happens only when the size differs: files (folder, Tiny-ImageNet) are center-cropped
     to a square and resized with Lanczos in PIL; arrays (CIFAR-10, digits) are resized with
-    antialiased bilinear interpolation.
+    antialiased bilinear interpolation. With resize false, an image of another size is a
+    UserError naming it (for data that must be used pixel for pixel).
     """
     _check_split(dataset, split)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -126,9 +127,13 @@ def load_images(dataset: str, root: str | Path, split: str, image_size: int,
         loaded = _load_digits(split)
     else:
         files = find_image_files(dataset, root, split)
-        return ImageSet(_decode_all(files.paths, image_size, files.source),
+        return ImageSet(_decode_all(files.paths, image_size, files.source, resize),
                         torch.tensor(files.labels, dtype=torch.int64), files.num_classes,
                         files.class_names, files.source)
+    native = loaded.images.shape[-1]
+    if not resize and native != image_size:
+        raise UserError(f"{loaded.source}: images are {native}x{native} but data.image_size is "
+                        f"{image_size} and data.resize is false")
     return replace(loaded, images=_resize(loaded.images, image_size))
 
 
@@ -363,14 +368,18 @@ def _find_tiny_imagenet(root: Path, split: str) -> ImageFiles:
     return ImageFiles(paths, labels, len(wnids), wnids, str(base))
 
 
-def _decode_image(path: Path, size: int) -> np.ndarray:
-    """Decode one file to uint8 (size, size, 3): RGB, center-cropped and resized if needed."""
+def _decode_image(path: Path, size: int, resize: bool = True) -> np.ndarray:
+    """Decode one file to uint8 (size, size, 3): RGB, center-cropped and resized if needed
+    (without ``resize``, a file of another size is a UserError)."""
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise UserError(f"cannot read image {path} ({error})") from None
     width, height = image.size
+    if (width, height) != (size, size) and not resize:
+        raise UserError(f"{path}: image is {width}x{height}, expected {size}x{size} "
+                        f"(data.resize is false)")
     if (width, height) != (size, size):
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
@@ -380,12 +389,12 @@ def _decode_image(path: Path, size: int) -> np.ndarray:
     return np.array(image)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
-def _decode_all(paths: list[Path], size: int, source: str) -> Tensor:
+def _decode_all(paths: list[Path], size: int, source: str, resize: bool = True) -> Tensor:
     """Decode files in threads (PIL releases the GIL while decoding) into uint8 (N, 3, S, S)."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
     try:
-        decoded = pool.map(partial(_decode_image, size=size), paths)
+        decoded = pool.map(partial(_decode_image, size=size, resize=resize), paths)
         for i, array in enumerate(tqdm(decoded, total=len(paths), desc=f"decoding {source}",
                                        leave=False, disable=len(paths) <= PROGRESS_MIN_FILES)):
             out[i] = torch.from_numpy(array).permute(2, 0, 1)
@@ -496,14 +505,15 @@ def make_batch_source(images: ImageSet, batch_size: int, seed: int, device: torc
 
 
 class _FileDataset(Dataset):
-    def __init__(self, files: ImageFiles, image_size: int) -> None:
+    def __init__(self, files: ImageFiles, image_size: int, resize: bool) -> None:
         self.paths, self.labels, self.image_size = files.paths, files.labels, image_size
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        image = torch.from_numpy(_decode_image(self.paths[index], self.image_size))
+        image = torch.from_numpy(_decode_image(self.paths[index], self.image_size, self.resize))
         return image.permute(2, 0, 1), self.labels[index], index  # (3, S, S) uint8
 
 
@@ -534,11 +544,11 @@ class LoaderBatchSource:
 
     def __init__(self, files: ImageFiles, image_size: int, batch_size: int, seed: int,
                  device: torch.device | str, hflip: bool = True, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 2) -> None:
+                 world_size: int = 1, num_workers: int = 2, resize: bool = True) -> None:
         _check_batching(batch_size, rank, world_size)
         self.device = torch.device(device)
         self.num_workers = num_workers
-        self._dataset = _FileDataset(files, image_size)
+        self._dataset = _FileDataset(files, image_size, resize)
         self._stream = _IndexStream(len(files.paths), batch_size * world_size, seed, hflip)
         self._mine = slice(rank * batch_size, (rank + 1) * batch_size)
         self._loader: DataLoader | None = None

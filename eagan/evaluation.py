@@ -15,7 +15,8 @@ from eagan.config import Config
 from eagan.data import SPLITS, load_images
 from eagan.errors import UserError
 from eagan.files import atomic_output
-from eagan.metrics import Protocol, evaluate_generator, format_results_table, resolve_protocol
+from eagan.metrics import (Inception, Protocol, evaluate_generator, format_results_table,
+                           resolve_protocol)
 from eagan.sampling import load_generator
 
 
@@ -25,7 +26,7 @@ def reference_set(config: Config) -> tuple[Tensor, str, Protocol]:
     protocol = resolve_protocol(config.eval.protocol, data.dataset, config.eval.num_samples,
                                 available_splits=SPLITS[data.dataset])
     images = load_images(data.dataset, data.root, protocol.reference_split, data.image_size,
-                         download=data.download)
+                         download=data.download, resize=data.resize)
     return images.images, f"{data.dataset}-{protocol.reference_split}", protocol
 
 
@@ -39,11 +40,14 @@ def make_training_evaluator(config: Config, show_progress: bool = True
     def evaluate(generator: nn.Module, step: int) -> dict[str, Any]:
         if not cached:
             cached["images"], cached["name"], cached["protocol"] = reference_set(config)
+            cached["inception"] = Inception.load(config.eval.inception_weights,
+                                                 next(generator.parameters()).device,
+                                                 progress=show_progress)
         result = evaluate_generator(
-            generator, reference_images=cached["images"], reference_name=cached["name"],
-            protocol=cached["protocol"], batch_size=config.eval.batch_size,
-            seed=config.eval.seed, cache_dir=Path(config.eval.cache_dir).expanduser(),
-            inception_weights=config.eval.inception_weights, ema=is_ema, step=step,
+            generator, cached["inception"], reference_images=cached["images"],
+            reference_name=cached["name"], protocol=cached["protocol"],
+            batch_size=config.eval.batch_size, seed=config.eval.seed,
+            cache_dir=Path(config.eval.cache_dir).expanduser(), ema=is_ema, step=step,
             progress=show_progress)
         if show_progress:
             tqdm.write(f"step {step}: FID {result['fid']:.3f}, IS {result['is_mean']:.3f} "
@@ -65,12 +69,12 @@ def evaluate_checkpoint(config: Config, path: Path, use_ema: bool = True,
             raise UserError(f"{path}: trained with data.{key} = {trained!r} but the config "
                             f"says {given!r}")
     images, name, protocol = reference_set(config)
+    inception = Inception.load(config.eval.inception_weights, device, progress=show_progress)
     out_path = path.with_name(f"{path.stem}-eval-{protocol.name}.json")
     result = evaluate_generator(
-        sampled.generator, reference_images=images, reference_name=name, protocol=protocol,
-        batch_size=config.eval.batch_size, seed=config.eval.seed,
-        cache_dir=Path(config.eval.cache_dir).expanduser(),
-        inception_weights=config.eval.inception_weights, ema=sampled.is_ema,
+        sampled.generator, inception, reference_images=images, reference_name=name,
+        protocol=protocol, batch_size=config.eval.batch_size, seed=config.eval.seed,
+        cache_dir=Path(config.eval.cache_dir).expanduser(), ema=sampled.is_ema,
         step=sampled.step, progress=show_progress)
     result["checkpoint"] = str(path)
     with atomic_output(out_path) as tmp_path:

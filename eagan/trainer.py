@@ -390,11 +390,11 @@ def _open_training_data(config: Config, per_rank_batch: int, context: DistContex
                   hflip=data.hflip, rank=context.rank, world_size=context.world_size)
     if data.in_memory or data.dataset in ("cifar10", "digits"):
         images = load_images(data.dataset, data.root, "train", data.image_size,
-                             download=data.download)
+                             download=data.download, resize=data.resize)
         return images, make_batch_source(images, **common)
     files = find_image_files(data.dataset, data.root, "train")
     return files, LoaderBatchSource(files, data.image_size, num_workers=data.num_workers,
-                                    **common)
+                                    resize=data.resize, **common)
 
 
 def _apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor,

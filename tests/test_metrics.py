@@ -4,7 +4,6 @@ Inception costs about 0.2-0.6 s per image here, so every Inception pass is share
 fixture and uses 16 images: 96 images in all.
 """
 
-import copy
 import hashlib
 import math
 import pickle
@@ -395,7 +394,8 @@ def test_bn_mode_normalises_as_asked_and_restores_everything(mode):
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_evaluate_generator_end_to_end(inception, standin_weights, base_images, tmp_path):
+def test_evaluate_generator_end_to_end(inception, standin_weights, base_images,
+                                      base_statistics, tmp_path):
     torch.manual_seed(0)
     generator = TinyGenerator().train()  # as the trainer leaves it
     before = bitwise_state(generator)
@@ -405,7 +405,7 @@ def test_evaluate_generator_end_to_end(inception, standin_weights, base_images, 
 
     def evaluate():
         return evaluate_generator(generator, inception, reference_images=base_images,
-                                  reference_name="smooth-test", protocol=protocol, batch_size=8,
+                                  reference_name="smooth-test", protocol=protocol, batch_size=16,
                                   seed=7, cache_dir=cache_dir, ema=True, step=1234)
 
     first, second = evaluate(), evaluate()  # the second reads the cached reference statistics
@@ -419,12 +419,15 @@ def test_evaluate_generator_end_to_end(inception, standin_weights, base_images, 
         "protocol": "studiogan2021", "num_samples": 16,
         "reference": {"name": "smooth-test", "split": "test", "count": 16},
         "bn_mode": "batch", "ema": True, "step": 1234, "inception_weights_sha256": sha256,
-        "seed": 7, "batch_size": 8}
+        "seed": 7, "batch_size": 16}
     assert math.isfinite(first["fid"]) and first["fid"] > 0
     assert 1.0 <= first["is_mean"] <= 1008
 
     files = [p for p in cache_dir.rglob("*") if p.is_file()]
     assert len(files) == 1 and files[0].suffix == ".npz" and sha256[:16] in files[0].name
+    with np.load(files[0]) as cached:  # the reference's statistics, as computed by the fixture
+        np.testing.assert_allclose(cached["mu"], base_statistics[0], rtol=1e-6)
+        np.testing.assert_allclose(cached["sigma"], base_statistics[1], rtol=1e-6, atol=1e-12)
     assert not (tmp_path / "torch_home").exists()  # nothing in TORCH_HOME (fidelity_cache)
 
     assert_same_state(before, generator)

@@ -66,6 +66,11 @@ def empty_class(root: Path) -> None:
     (root / "dogs").mkdir()
 
 
+def mixed_sizes(root: Path) -> None:
+    write_image_folder(root, ["cats"], n_per_class=2, size=32)
+    write_image_folder(root, ["dogs"], n_per_class=2, size=40)
+
+
 def truncated_checkpoint(ws: Workspace) -> Path:
     data = (ws.trained / "ckpt-0000002.pt").read_bytes()
     path = ws.root / "truncated.pt"
@@ -138,6 +143,8 @@ CASES = [
     ("empty-dataset-folder", lambda ws: folder_dataset(ws, lambda r: r.mkdir()),
      ["images", "no image"]),
     ("corrupt-image", lambda ws: folder_dataset(ws, corrupt_image), ["broken.png"]),
+    ("mixed-sizes-without-resize", lambda ws: folder_dataset(ws, mixed_sizes) + [
+        "--set", "data.resize=false"], ["dogs", "40x40", "expected 32x32"]),
     ("class-folder-without-images", lambda ws: folder_dataset(ws, empty_class),
      ["dogs", "no image"]),
     ("cifar-absent-offline", lambda ws: ["-c", ws.config, "--train", "--set",
