@@ -11,8 +11,6 @@ bookkeeping and logging) is under 5% of a step.
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 import json
 import os
 import resource
@@ -29,16 +27,14 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 from eagan.config import Config, load_config  # noqa: E402
-from eagan.data import (DeviceBatchSource, LoaderBatchSource, find_image_files,  # noqa: E402
-                        load_images, make_batch_source)
+from eagan.data import DeviceBatchSource, LoaderBatchSource  # noqa: E402
 from eagan.distributed import DistContext, resolve_device  # noqa: E402
 from eagan.errors import UserError  # noqa: E402
-from eagan.factory import build_discriminator, build_generator  # noqa: E402
-from eagan.losses import LOSSES  # noqa: E402
-from eagan.models import attention_gammas, count_parameters  # noqa: E402
+from eagan.models import count_parameters  # noqa: E402
 from eagan.tracking import Tracker  # noqa: E402
-from eagan.trainer import (GANModules, LatentSampler, NonFiniteLoss, StepOptions,  # noqa: E402
-                           _autocast, _update_ema, discriminator_step, generator_step)
+from eagan.trainer import (GANModules, LatentSampler, StepOptions, build_gan,  # noqa: E402
+                           check_finite, discriminator_step, generator_step,
+                           open_training_data, tick_statistics, update_ema)
 
 OVERHEAD_GOAL = 0.05  # data + bookkeeping + logging, as a share of a step
 PHASES = ("data", "d_step", "g_step", "bookkeeping", "logging")
@@ -69,6 +65,7 @@ class Report:
     peak_memory_mib: float
     memory_method: str
     overhead_share: float
+    busy_cpu: bool  # the load average exceeded the cores: times measured contention
     verdict: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -138,54 +135,21 @@ class Setup:
 
 
 def build_like_trainer(config: Config, device: torch.device) -> Setup:
-    """Data, networks, optimizers, scalers and step options as eagan.trainer._train builds them
-    for one process (no DDP, no resume). Mirrors its stages line for line: keep them in step."""
+    """Data, networks, optimizers, scalers and step options built by the trainer's own
+    functions, for one process (no DDP, no resume)."""
     tc, data = config.train, config.data
     context = DistContext(rank=0, world_size=1, device=device)
     torch.manual_seed(tc.seed)
-    common = dict(batch_size=tc.batch_size, seed=tc.seed, device=device, hflip=data.hflip,
-                  rank=0, world_size=1)
-    if data.in_memory or data.dataset in ("cifar10", "digits"):
-        dataset = load_images(data.dataset, data.root, "train", data.image_size,
-                              download=data.download)
-        batches = make_batch_source(dataset, **common)
-        data_note = f"device-resident {data.dataset} ({len(dataset.labels)} images)"
-    else:
-        dataset = find_image_files(data.dataset, data.root, "train")
-        batches = LoaderBatchSource(dataset, data.image_size, num_workers=data.num_workers,
-                                    **common)
+    dataset, batches = open_training_data(config, tc.batch_size, context)
+    if isinstance(batches, LoaderBatchSource):
         data_note = (f"DataLoader, {data.num_workers} workers, {data.dataset} "
                      f"({len(dataset.labels)} files)")
+    else:
+        data_note = f"device-resident {data.dataset} ({len(dataset.labels)} images)"
     num_classes = dataset.num_classes if config.model.conditional else 0
-
-    generator = build_generator(config.model, data.image_size, num_classes).to(device)
-    discriminator = build_discriminator(config.model, data.image_size, num_classes).to(device)
-    if tc.channels_last:
-        generator.to(memory_format=torch.channels_last)
-        discriminator.to(memory_format=torch.channels_last)
-    generator_ema = None
-    if tc.ema_decay > 0:
-        generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    adam = dict(eps=tc.adam_eps, betas=(tc.beta1, tc.beta2), fused=tc.fused_adam or None)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr_g, **adam)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.lr_d, **adam)
-    scaler_g = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    scaler_d = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    gan, options, generator_ema = build_gan(config, num_classes, context)
     latents = LatentSampler(config.model.z_dim, num_classes, tc.batch_size, context,
                             seed=tc.seed + 1)
-    g_update, d_update = generator, discriminator
-    g_forward, d_forward = generator, discriminator
-    if tc.compile:
-        g_update, d_update = torch.compile(g_update), torch.compile(d_update)
-        g_forward, d_forward = torch.compile(generator), torch.compile(discriminator)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    gan = GANModules(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, g_update,
-                     d_update, g_forward, d_forward)
-    d_loss_fn, g_loss_fn = LOSSES[tc.loss]
-    options = StepOptions(d_loss=d_loss_fn, g_loss=g_loss_fn,
-                          autocast=functools.partial(_autocast, tc.precision, device),
-                          channels_last=tc.channels_last, nonfinite=tc.nonfinite)
     return Setup(gan, options, generator_ema, batches, latents, num_classes, data_note)
 
 
@@ -223,12 +187,10 @@ def run_steps(setup: Setup, config: Config, first_step: int, count: int,
         iteration += clock.lap("g_step")
         step += 1
         if tc.nonfinite == "stop":
-            bad = torch.stack([d_bad, ~torch.isfinite(loss_g)]).tolist()
-            if any(bad):
-                raise NonFiniteLoss(f"step {step}: a loss is not finite; the benchmark stopped")
+            check_finite(step, d_bad, loss_g, Path(tracker.writer.log_dir))
         if setup.generator_ema is not None:
             decay = tc.ema_decay if step > tc.ema_start_step else 0.0
-            _update_ema(setup.generator_ema, gan.generator, decay)
+            update_ema(setup.generator_ema, gan.generator, decay)
         running += torch.stack([loss_real, loss_fake, loss_d, loss_g]).detach().float()
         running_count += 1
         progress.update(1)
@@ -244,22 +206,12 @@ def run_steps(setup: Setup, config: Config, first_step: int, count: int,
 def log_tick(setup: Setup, tracker: Tracker, step: int, running: Tensor,
              running_count: int) -> None:
     """The statistics the trainer gathers and writes at a log tick."""
-    gan = setup.gan
-    means = (running / running_count).tolist()
-    stats = {"Loss/D/real": means[0], "Loss/D/fake": means[1], "Loss/D/total": means[2],
-             "Loss/G/total": means[3], "Progress/lr_g": gan.opt_g.param_groups[0]["lr"],
-             "Progress/lr_d": gan.opt_d.param_groups[0]["lr"], "Timing/steps_per_sec": 0.0}
-    for prefix, network in (("G", gan.generator), ("D", gan.discriminator)):
-        stats.update({f"Attention/gamma/{prefix}/{name}": value
-                      for name, value in attention_gammas(network).items()})
-    if setup.latents.device.type == "cuda":
-        stats["Resources/peak_gpu_mem_gb"] = \
-            torch.cuda.max_memory_allocated(setup.latents.device) / 2**30
-    tracker.scalars(step, stats)
+    tracker.scalars(step, tick_statistics(setup.gan, running / running_count, 0.0))
 
 
 def measure(config: Config, config_path: Path, device: torch.device, steps: int,
             warmup: int) -> Report:
+    load_before = os.getloadavg()[0]
     setup = build_like_trainer(config, device)
     tc = config.train
     with tempfile.TemporaryDirectory(prefix="eagan-bench-") as run_dir, \
@@ -304,6 +256,8 @@ def measure(config: Config, config_path: Path, device: torch.device, steps: int,
         "d_parameters": count_parameters(setup.gan.discriminator), "data": setup.data_note,
     }
     iterations = 1e3 / step_ms
+    # Our own threads can load every core; more means other jobs stalled them.
+    busy = device.type == "cpu" and max(load_before, os.getloadavg()[0]) > os.cpu_count() + 0.5
     report = Report(
         config=str(config_path), device=str(device), threads=torch.get_num_threads(),
         load_average=os.getloadavg(), settings=settings, steps=steps, warmup=warmup,
@@ -311,11 +265,15 @@ def measure(config: Config, config_path: Path, device: torch.device, steps: int,
         step_ms_median=1e3 * statistics.median(iteration_times), iterations_per_s=iterations,
         images_per_s=iterations * tc.batch_size * tc.n_dis,
         free_running_iterations_per_s=free_running, peak_memory_mib=peak,
-        memory_method=MEMORY_METHODS[device.type], overhead_share=overhead)
+        memory_method=MEMORY_METHODS[device.type], overhead_share=overhead, busy_cpu=busy)
     parts = ", ".join(f"{phase} {ms[phase]:.3f} ms" for phase in OVERHEAD_PHASES)
     report.verdict = (f"{'PASS' if overhead < OVERHEAD_GOAL else 'MISS'}  framework overhead "
                       f"(data + bookkeeping + logging) {100 * overhead:.2f}% of a "
-                      f"{step_ms:.1f} ms step (goal < {100 * OVERHEAD_GOAL:.0f}%): {parts}")
+                      f"{step_ms:.1f} ms step (goal < {100 * OVERHEAD_GOAL:.0f}%): {parts}"
+                      f"{' [times unreliable: busy CPU]' if busy else ''}")
+    if busy:
+        report.notes.append(f"WARNING  load average above the {os.cpu_count()} CPUs during the "
+                            "run: the times measured contention; rerun on an idle machine")
     report.notes.append(f"logging: {len(tick_times)} log tick(s) measured, {ms_per_tick:.2f} ms "
                         f"each, charged once per train.log_every = {tc.log_every} steps")
     report.notes.append("not included: sample grids, attention maps, checkpoints and evaluation "

@@ -33,7 +33,7 @@ from eagan.factory import build_discriminator, build_generator
 from eagan.files import atomic_output, ensure_writable_dir, remove_stale_temporaries
 from eagan.losses import LOSSES
 from eagan.models import attention_gammas, count_parameters
-from eagan.sampling import bn_mode, class_grid_labels, grid_image, save_png
+from eagan.sampling import bn_mode, class_grid_labels, grid_image
 from eagan.tracking import Tracker
 from eagan.visualize import attention_figure
 
@@ -174,27 +174,12 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
 
     # ---- Data ---------------------------------------------------------------------------------
     per_rank_batch = tc.batch_size // context.world_size
-    dataset, batches = _open_training_data(config, per_rank_batch, context)
+    dataset, batches = open_training_data(config, per_rank_batch, context)
     num_classes = dataset.num_classes if config.model.conditional else 0
 
-    # ---- Networks and optimizers -----------------------------------------------------------------
-    generator = build_generator(config.model, config.data.image_size, num_classes).to(device)
-    discriminator = build_discriminator(config.model, config.data.image_size,
-                                        num_classes).to(device)
-    if tc.sync_batchnorm and context.enabled:
-        generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
-    if tc.channels_last:
-        generator.to(memory_format=torch.channels_last)
-        discriminator.to(memory_format=torch.channels_last)
-    generator_ema = None
-    if tc.ema_decay > 0:
-        generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    adam = dict(eps=tc.adam_eps, betas=(tc.beta1, tc.beta2), fused=tc.fused_adam or None)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr_g, **adam)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.lr_d, **adam)
-    scale_fp16 = tc.precision == "fp16"
-    scaler_g = torch.amp.GradScaler(device.type, enabled=scale_fp16)
-    scaler_d = torch.amp.GradScaler(device.type, enabled=scale_fp16)
+    # ---- Networks, optimizers, latents -------------------------------------------------------
+    gan, options, generator_ema = build_gan(config, num_classes, context)
+    generator, discriminator = gan.generator, gan.discriminator
     latents = LatentSampler(config.model.z_dim, num_classes, per_rank_batch, context,
                             seed=tc.seed + 1)
     # Fixed latents for the sample grids: the same images to watch from the first step on.
@@ -213,10 +198,10 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
         discriminator.load_state_dict(payload["discriminator"])
         if generator_ema is not None:
             generator_ema.load_state_dict(payload["generator_ema"])
-        opt_g.load_state_dict(payload["optimizer_g"])
-        opt_d.load_state_dict(payload["optimizer_d"])
-        scaler_g.load_state_dict(payload["scaler_g"])
-        scaler_d.load_state_dict(payload["scaler_d"])
+        gan.opt_g.load_state_dict(payload["optimizer_g"])
+        gan.opt_d.load_state_dict(payload["optimizer_d"])
+        gan.scaler_g.load_state_dict(payload["scaler_g"])
+        gan.scaler_d.load_state_dict(payload["scaler_d"])
         batches.load_state_dict(payload["data_order"][context.rank])
         latents.load_state_dict(payload["latents"])
         _restore_rng(payload["rng"][context.rank])
@@ -226,26 +211,6 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     if context.is_main and resume_from is None:
         with atomic_output(run_dir / "config.yaml") as tmp_path:
             tmp_path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-
-    # ---- Distributed wrappers and compilation ------------------------------------------------
-    g_update, d_update = generator, discriminator
-    if context.enabled:
-        g_update = DistributedDataParallel(generator)
-        d_update = DistributedDataParallel(discriminator)
-    g_forward, d_forward = generator, discriminator
-    if tc.compile:
-        g_forward, d_forward = torch.compile(generator), torch.compile(discriminator)
-        # Without DDP the update and plain forwards are one module: compile it once.
-        g_update = g_forward if g_update is generator else torch.compile(g_update)
-        d_update = d_forward if d_update is discriminator else torch.compile(d_update)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    gan = GANModules(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, g_update,
-                     d_update, g_forward, d_forward)
-    d_loss_fn, g_loss_fn = LOSSES[tc.loss]
-    options = StepOptions(d_loss=d_loss_fn, g_loss=g_loss_fn,
-                          autocast=functools.partial(_autocast, tc.precision, device),
-                          channels_last=tc.channels_last, nonfinite=tc.nonfinite)
 
     # ---- Checkpoints --------------------------------------------------------------------------
     def save(step: int, path: Path) -> None:
@@ -258,8 +223,8 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             "num_classes": num_classes, "class_names": list(dataset.class_names),
             "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
             "generator_ema": None if generator_ema is None else generator_ema.state_dict(),
-            "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(),
-            "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
+            "optimizer_g": gan.opt_g.state_dict(), "optimizer_d": gan.opt_d.state_dict(),
+            "scaler_g": gan.scaler_g.state_dict(), "scaler_d": gan.scaler_d.state_dict(),
             "data_order": data_states, "latents": latents.state_dict(), "rng": rng_states,
             "fixed_z": fixed_z.cpu(), "best_fid": best_fid,
         }
@@ -304,16 +269,12 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
 
             # -- Non-finite losses: stop (the default) before anything is saved.
             if tc.nonfinite == "stop":
-                bad = torch.stack([d_bad, ~torch.isfinite(loss_g)]).tolist()
-                if any(bad):
-                    which = "discriminator" if bad[0] else "generator"
-                    raise NonFiniteLoss(f"step {step}: the {which} loss is not finite; "
-                                        f"stopped, the last good checkpoint is kept in {run_dir}")
+                check_finite(step, d_bad, loss_g, run_dir)
 
             # -- EMA of the generator's weights.
             if generator_ema is not None:
                 decay = tc.ema_decay if step > tc.ema_start_step else 0.0
-                _update_ema(generator_ema, generator, decay)
+                update_ema(generator_ema, generator, decay)
 
             running += torch.stack([loss_real, loss_fake, loss_d, loss_g]).detach().float()
             running_count += 1
@@ -322,23 +283,12 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             # -- Maintenance: logs, grids, evaluation, checkpoints.
             if step % tc.log_every == 0 or step == tc.total_steps:
                 now = time.perf_counter()
-                means = (running / running_count).tolist()
-                last_stats = {
-                    "Loss/D/real": means[0], "Loss/D/fake": means[1], "Loss/D/total": means[2],
-                    "Loss/G/total": means[3],
-                    "Progress/lr_g": opt_g.param_groups[0]["lr"],
-                    "Progress/lr_d": opt_d.param_groups[0]["lr"],
-                    "Timing/steps_per_sec": (step - tick_step) / max(now - tick_start, 1e-9),
-                }
-                for prefix, network in (("G", generator), ("D", discriminator)):
-                    last_stats.update({f"Attention/gamma/{prefix}/{name}": value for name,
-                                       value in attention_gammas(network).items()})
-                if device.type == "cuda":
-                    last_stats["Resources/peak_gpu_mem_gb"] = \
-                        torch.cuda.max_memory_allocated(device) / 2**30
+                last_stats = tick_statistics(gan, running / running_count,
+                                             (step - tick_step) / max(now - tick_start, 1e-9))
                 if tracker is not None:
                     tracker.scalars(step, last_stats)
-                progress.set_postfix(d=f"{means[2]:.3f}", g=f"{means[3]:.3f}")
+                progress.set_postfix(d=f"{last_stats['Loss/D/total']:.3f}",
+                                     g=f"{last_stats['Loss/G/total']:.3f}")
                 running.zero_()
                 running_count, tick_start, tick_step = 0, now, step
 
@@ -381,7 +331,80 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     return TrainResult(run_dir=run_dir, step=step, best_fid=best_fid, last_stats=last_stats)
 
 
-def _open_training_data(config: Config, per_rank_batch: int, context: DistContext
+def check_finite(step: int, d_bad: Tensor, loss_g: Tensor, run_dir: Path) -> None:
+    """Raise NonFiniteLoss naming the step and the loss (one device sync per step)."""
+    bad = torch.stack([d_bad, ~torch.isfinite(loss_g)]).tolist()
+    if any(bad):
+        which = "discriminator" if bad[0] else "generator"
+        raise NonFiniteLoss(f"step {step}: the {which} loss is not finite; stopped, the last "
+                            f"good checkpoint is kept in {run_dir}")
+
+
+def tick_statistics(gan: GANModules, mean_losses: Tensor, steps_per_sec: float
+                    ) -> dict[str, float]:
+    """The scalars logged once per tick; ``mean_losses`` is (4,): D real, D fake, D, G."""
+    means = mean_losses.tolist()
+    stats = {
+        "Loss/D/real": means[0], "Loss/D/fake": means[1], "Loss/D/total": means[2],
+        "Loss/G/total": means[3],
+        "Progress/lr_g": gan.opt_g.param_groups[0]["lr"],
+        "Progress/lr_d": gan.opt_d.param_groups[0]["lr"],
+        "Timing/steps_per_sec": steps_per_sec,
+    }
+    for prefix, network in (("G", gan.generator), ("D", gan.discriminator)):
+        stats.update({f"Attention/gamma/{prefix}/{name}": value
+                      for name, value in attention_gammas(network).items()})
+    device = mean_losses.device
+    if device.type == "cuda":
+        stats["Resources/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return stats
+
+
+def build_gan(config: Config, num_classes: int, context: DistContext
+              ) -> tuple[GANModules, StepOptions, nn.Module | None]:
+    """G and D on the device with their optimizers, loss scalers, DDP and compile wrappers, the
+    step options, and the EMA copy of G (None without EMA), as ``config.train`` asks."""
+    tc, device = config.train, context.device
+    generator = build_generator(config.model, config.data.image_size, num_classes).to(device)
+    discriminator = build_discriminator(config.model, config.data.image_size,
+                                        num_classes).to(device)
+    if tc.sync_batchnorm and context.enabled:
+        generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+    if tc.channels_last:
+        generator.to(memory_format=torch.channels_last)
+        discriminator.to(memory_format=torch.channels_last)
+    generator_ema = None
+    if tc.ema_decay > 0:
+        generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
+    adam = dict(eps=tc.adam_eps, betas=(tc.beta1, tc.beta2), fused=tc.fused_adam or None)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr_g, **adam)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.lr_d, **adam)
+    scale_fp16 = tc.precision == "fp16"
+    scaler_g = torch.amp.GradScaler(device.type, enabled=scale_fp16)
+    scaler_d = torch.amp.GradScaler(device.type, enabled=scale_fp16)
+
+    g_update, d_update = generator, discriminator
+    if context.enabled:
+        g_update = DistributedDataParallel(generator)
+        d_update = DistributedDataParallel(discriminator)
+    g_forward, d_forward = generator, discriminator
+    if tc.compile:
+        g_forward, d_forward = torch.compile(generator), torch.compile(discriminator)
+        # Without DDP the update and plain forwards are one module: compile it once.
+        g_update = g_forward if g_update is generator else torch.compile(g_update)
+        d_update = d_forward if d_update is discriminator else torch.compile(d_update)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    gan = GANModules(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, g_update,
+                     d_update, g_forward, d_forward)
+    d_loss_fn, g_loss_fn = LOSSES[tc.loss]
+    options = StepOptions(d_loss=d_loss_fn, g_loss=g_loss_fn,
+                          autocast=functools.partial(_autocast, tc.precision, device),
+                          channels_last=tc.channels_last, nonfinite=tc.nonfinite)
+    return gan, options, generator_ema
+
+
+def open_training_data(config: Config, per_rank_batch: int, context: DistContext
                         ) -> tuple[ImageSet | ImageFiles, DeviceBatchSource | LoaderBatchSource]:
     """The training split and its endless batches: held whole on the device when it fits
     (data.in_memory, and always for the array datasets), else decoded by DataLoader workers."""
@@ -410,7 +433,7 @@ def _apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 
 
 @torch.no_grad()
-def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * model for parameters; buffers are copied."""
     for ema_param, param in zip(ema.parameters(), model.parameters()):
         ema_param.lerp_(param, 1.0 - decay)

@@ -10,6 +10,7 @@ import pickle
 import socket
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def standin_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path) -> list[str]:
+def offline(monkeypatch, tmp_path) -> Iterator[list[str]]:
     """A private TORCH_HOME, and no network: every attempt raises (as offline) and is recorded;
     a test that expects one clears the list, any other attempt fails the test at teardown."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
@@ -362,7 +363,8 @@ def test_sampler_draws_seeded_uniform_labels_without_touching_global_rng():
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert images.dtype == torch.uint8 and torch.all(images == 128)
     labels = recorder.seen[0]
-    assert torch.equal(labels, torch.randint(5, (4000,), generator=torch.Generator().manual_seed(3)))
+    expected = torch.randint(5, (4000,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(labels, expected)
     assert torch.bincount(labels, minlength=5).min() > 700  # uniform: 800 expected each
 
 
