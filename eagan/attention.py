@@ -66,7 +66,8 @@ class MultiHeadExternalAttention(nn.Module):
             raise ValueError(f"d_model={d_model} is not divisible by heads={heads}")
         self.heads = heads
         head_dim = d_model // heads
-        self.query = nn.Linear(d_model, d_model)
+        # No bias: a per-channel constant before the softmax over tokens cancels out.
+        self.query = nn.Linear(d_model, d_model, bias=False)
         self.mk = nn.Linear(head_dim, S, bias=False)
         self.mv = nn.Linear(S, head_dim, bias=False)
         self.out = nn.Linear(d_model, d_model)
@@ -142,7 +143,8 @@ class ExternalAttention2d(GatedAttention2d):
             raise ValueError(f"channels={channels} is not divisible by heads={heads}")
         self.heads = heads
         head_dim = channels // heads
-        self.query = sn_conv2d(channels, channels, 1)
+        # No bias: a per-channel constant before the softmax over pixels cancels out.
+        self.query = sn_conv2d(channels, channels, 1, bias=False)
         self.memory_key = sn(nn.Linear(head_dim, memory_size, bias=False))  # M_k
         self.memory_value = sn(nn.Linear(memory_size, head_dim, bias=False))  # M_v
         self.out = sn_conv2d(channels, channels, 1)
@@ -179,7 +181,7 @@ class EfficientAttention2d(GatedAttention2d):
                 f"efficient attention needs channels divisible by 8 and at least 2 query "
                 f"channels (C/8) per head, got channels={channels}, heads={heads}")
         self.heads = heads
-        self.keys = sn_conv2d(channels, channels // 8, 1)
+        self.keys = sn_conv2d(channels, channels // 8, 1, bias=False)  # softmax over pixels
         self.queries = sn_conv2d(channels, channels // 8, 1)
         self.values = sn_conv2d(channels, channels // 2, 1)
         self.reprojection = sn_conv2d(channels // 2, channels, 1)

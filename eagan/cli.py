@@ -5,12 +5,14 @@ Exit codes: 0 success, 2 a mistake the user can fix (one line on stderr, no trac
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
 from eagan.checkpoint import resolve_checkpoint_arg
 from eagan.config import Config, load_config
+from eagan.distributed import resolve_device
 from eagan.errors import UserError
 from eagan.files import ensure_writable_dir
 from eagan.sampling import BN_MODES, class_grid_labels, grid_image, load_generator, save_png, \
@@ -95,8 +97,10 @@ def _train(config: Config, args: argparse.Namespace) -> int:
     from eagan.evaluation import make_training_evaluator
     from eagan.trainer import train
 
-    evaluate = make_training_evaluator(config, show_progress=not args.no_progress) \
-        if config.eval.every else None
+    evaluate = None
+    if config.eval.every:
+        device = resolve_device(config.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+        evaluate = make_training_evaluator(config, device, show_progress=not args.no_progress)
     train(config, resume=args.resume, show_progress=not args.no_progress, evaluate=evaluate)
     return 0
 

@@ -30,23 +30,19 @@ def reference_set(config: Config) -> tuple[Tensor, str, Protocol]:
     return images.images, f"{data.dataset}-{protocol.reference_split}", protocol
 
 
-def make_training_evaluator(config: Config, show_progress: bool = True
+def make_training_evaluator(config: Config, device: torch.device, show_progress: bool = True
                             ) -> Callable[[nn.Module, int], dict[str, Any]]:
     """The trainer's evaluation hook: FID and IS of a generator at a step. The reference split
-    is read once, at the first evaluation."""
-    cached: dict[str, Any] = {}
+    and the Inception weights are loaded now, so that a missing file stops the run before it
+    trains rather than hours later."""
+    images, name, protocol = reference_set(config)
+    inception = Inception.load(config.eval.inception_weights, device, progress=show_progress)
     is_ema = config.train.ema_decay > 0
 
     def evaluate(generator: nn.Module, step: int) -> dict[str, Any]:
-        if not cached:
-            cached["images"], cached["name"], cached["protocol"] = reference_set(config)
-            cached["inception"] = Inception.load(config.eval.inception_weights,
-                                                 next(generator.parameters()).device,
-                                                 progress=show_progress)
         result = evaluate_generator(
-            generator, cached["inception"], reference_images=cached["images"],
-            reference_name=cached["name"], protocol=cached["protocol"],
-            batch_size=config.eval.batch_size, seed=config.eval.seed,
+            generator, inception, reference_images=images, reference_name=name,
+            protocol=protocol, batch_size=config.eval.batch_size, seed=config.eval.seed,
             cache_dir=Path(config.eval.cache_dir).expanduser(), ema=is_ema, step=step,
             progress=show_progress)
         if show_progress:

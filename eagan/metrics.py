@@ -34,7 +34,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorInceptionV3, GenerativeModelModuleWrapper
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
@@ -53,12 +52,12 @@ from torch_fidelity.utils import (
 )
 
 from eagan.errors import UserError
+from eagan.sampling import bn_mode
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 FEATURE_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's registered name
 FID_LAYER = "2048"
 IS_LAYER = "logits_unbiased"
-BN_MODES = ("batch", "running")
 
 
 # ----------------------------------------------------------------------------- protocols
@@ -413,34 +412,6 @@ def reference_statistics(inception: Inception, images: Tensor, reference_name: s
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-@contextlib.contextmanager
-def bn_mode(generator: nn.Module, mode: str) -> Iterator[None]:
-    """Put ``generator`` in evaluation mode with BatchNorm in ``mode``; restore it on exit.
-
-    "running": plain eval mode (BN uses its running statistics). "batch": only the BN layers
-    normalise with the statistics of each batch (StudioGAN's -stat_otf) and, with
-    track_running_stats off, leave their buffers untouched; every other module stays in eval
-    mode, so spectral norm does no power iteration and the generator's state is unchanged.
-    """
-    if mode not in BN_MODES:
-        raise ValueError(f"bn mode must be one of {BN_MODES}, got {mode!r}")
-    training = {module: module.training for module in generator.modules()}
-    batch_norms = [m for m in generator.modules() if isinstance(m, _BatchNorm)]
-    tracking = {module: module.track_running_stats for module in batch_norms}
-    generator.eval()
-    if mode == "batch":
-        for module in batch_norms:
-            module.train()
-            module.track_running_stats = False
-    try:
-        yield
-    finally:
-        for module, flag in training.items():
-            module.training = flag
-        for module, flag in tracking.items():
-            module.track_running_stats = flag
-
 
 def _module_device(module: nn.Module) -> torch.device:
     tensor = next(module.parameters(), None)

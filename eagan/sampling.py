@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.utils import make_grid
 
 from eagan.checkpoint import load_checkpoint
@@ -23,31 +24,30 @@ GRID_MAX_CLASS_ROWS = 10  # Tiny-ImageNet's 200 classes would make a 200-row gri
 
 @contextlib.contextmanager
 def bn_mode(generator: nn.Module, mode: str) -> Iterator[nn.Module]:
-    """Put G in a BatchNorm mode for sampling and restore it exactly afterwards.
+    """Put ``generator`` in evaluation mode with BatchNorm in ``mode``; restore it on exit.
 
-    "batch": normalise with the statistics of the sampled batch (StudioGAN's -stat_otf, the
-    paper's evaluation), without moving the running statistics. "running": eval mode.
+    "running": plain eval mode (BN uses its running statistics). "batch": only the BN layers
+    normalise with the statistics of each batch (StudioGAN's -stat_otf) and, with
+    track_running_stats off, leave their buffers untouched; every other module stays in eval
+    mode, so spectral norm does no power iteration and the generator's state is unchanged.
     """
     if mode not in BN_MODES:
         raise ValueError(f"BN mode {mode!r} is not one of {BN_MODES}")
-    was_training = generator.training
-    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for m in norms if m.track_running_stats]
-    # Spectral norm runs a power iteration in train mode: keep the layers themselves in eval.
+    training = {module: module.training for module in generator.modules()}
+    batch_norms = [m for m in generator.modules() if isinstance(m, _BatchNorm)]
+    tracking = {module: module.track_running_stats for module in batch_norms}
     generator.eval()
-    for norm in norms:
-        norm.train(mode == "batch")
+    if mode == "batch":
+        for module in batch_norms:
+            module.train()
+            module.track_running_stats = False
     try:
         yield generator
     finally:
-        generator.train(was_training)
-        with torch.no_grad():
-            for norm, (mean, var, count) in zip(
-                    (m for m in norms if m.track_running_stats), saved):
-                norm.running_mean.copy_(mean)
-                norm.running_var.copy_(var)
-                norm.num_batches_tracked.copy_(count)
+        for module, flag in training.items():
+            module.training = flag
+        for module, flag in tracking.items():
+            module.track_running_stats = flag
 
 
 def class_grid_labels(num_classes: int, per_row: int, device: torch.device) -> Tensor | None:

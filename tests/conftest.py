@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from tests.fakedata import write_cifar10
+from tests.inception_standin import build_standin_inception_weights
 
 # Tiny widths (G 16 channels, D 8) and a handful of images: a training step takes milliseconds.
 TINY_CONFIG = {
@@ -35,3 +36,9 @@ def tiny_config_path(tmp_path, cifar_root) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(scope="session")
+def standin_weights(tmp_path_factory) -> Path:
+    """Inception weights of the real architecture, randomly initialised (no download)."""
+    return build_standin_inception_weights(tmp_path_factory.mktemp("inception"))

@@ -1,5 +1,7 @@
 """End to end through the real entry point: run.py's main, on the fake CIFAR-10."""
+import hashlib
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -85,3 +87,36 @@ def test_user_errors_exit_2_with_one_line(tiny_config_path, capsys, args, messag
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert message in err
+
+
+def test_training_evaluates_keeps_best_and_eval_writes_json(tiny_config_path, tmp_path,
+                                                            standin_weights, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    quick_eval = ["--set", "eval.every=2", "--set", "eval.num_samples=8", "--set",
+                  "eval.batch_size=8", "--set", f"eval.cache_dir={tmp_path / 'cache'}",
+                  "--inception-weights", standin_weights]
+    assert run_cli("-c", tiny_config_path, "--train", *quick_eval) == 0
+    run_dir = tmp_path / "run"
+    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    fids = {line["step"]: line["Metrics/fid"] for line in stats if "Metrics/fid" in line}
+    assert sorted(fids) == [2, 4]
+    best_step = min(fids, key=fids.get)
+    assert ckpt.load_checkpoint(run_dir / "best.pt")["step"] == best_step
+    assert list((tmp_path / "cache" / "fid_stats").glob("cifar10-test-n16-*.npz"))
+
+    capsys.readouterr()
+    assert run_cli("-c", tiny_config_path, "--eval", "--ckpt", run_dir, *quick_eval[2:]) == 0
+    result = json.loads((run_dir / "best-eval-studiogan2021.json").read_text())
+    assert result["step"] == best_step and result["num_samples"] == 8
+    assert result["reference"] == {"name": "cifar10-test", "split": "test", "count": 16}
+    assert (result["protocol"], result["bn_mode"], result["ema"]) == \
+        ("studiogan2021", "batch", False)
+    assert result["inception_weights_sha256"] == \
+        hashlib.sha256(standin_weights.read_bytes()).hexdigest()
+    # The same generator, samples and seed as the training-time evaluation of that step.
+    assert result["fid"] == pytest.approx(fids[best_step], rel=1e-6)
+    assert "FID" in capsys.readouterr().out

@@ -41,18 +41,12 @@ from eagan.metrics import (
     resolve_inception_weights,
     resolve_protocol,
 )
-from tests.inception_standin import build_standin_inception_weights
 
 RESULT_KEYS = {"fid", "is_mean", "is_std", "protocol", "num_samples", "reference", "bn_mode",
                "ema", "step", "inception_weights_sha256", "seed", "batch_size", "elapsed_s"}
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="session")
-def standin_weights(tmp_path_factory) -> Path:
-    return build_standin_inception_weights(tmp_path_factory.mktemp("inception"))
-
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path) -> Iterator[list[str]]:

@@ -14,10 +14,10 @@ BATCH = 2
 Z_DIM = 16
 
 
-def _networks(image_size, num_classes, attention="self", **kwargs):
-    generator = Generator(image_size, num_classes, z_dim=Z_DIM, base_channels=BASE,
+def _networks(image_size, num_classes, attention="self", base=BASE, **kwargs):
+    generator = Generator(image_size, num_classes, z_dim=Z_DIM, base_channels=base,
                           attention=attention, **kwargs)
-    discriminator = Discriminator(image_size, num_classes, base_channels=BASE,
+    discriminator = Discriminator(image_size, num_classes, base_channels=base,
                                   attention=attention, **kwargs)
     return generator, discriminator
 
@@ -43,7 +43,10 @@ SHAPE_CASES = [(size, classes) for size in (32, 64) for classes in (0, 5)] + [(1
 @pytest.mark.parametrize("image_size, num_classes", SHAPE_CASES)
 def test_output_shapes_and_range(image_size, num_classes, attention):
     torch.manual_seed(0)
-    generator, discriminator = _networks(image_size, num_classes, attention)
+    # Efficient attention needs two query channels (C/8) per head: D's first block at 64 and
+    # 128 px has base_channels channels.
+    base = 2 * BASE if attention == "efficient" else BASE
+    generator, discriminator = _networks(image_size, num_classes, attention, base=base)
     _set_gammas(generator, 1.0)
     _set_gammas(discriminator, 1.0)
     z, labels = _inputs(num_classes)
