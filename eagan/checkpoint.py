@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from eagan.errors import UserError
 from eagan.files import atomic_output
@@ -89,3 +90,20 @@ def prune(run_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` periodic checkpoints (best.pt is never touched)."""
     for _, old in step_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: Path,
+                 what: str) -> None:
+    """``module.load_state_dict(state)``, a mismatch being a UserError that lists it (a
+    checkpoint written by another version of the networks)."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that differ
+        details = "; ".join(line.strip() for line in str(error).splitlines()[1:3])
+        raise UserError(f"{path}: the {what} weights do not fit the network: {details}") \
+            from None
+    if missing or unexpected:
+        listed = [f"missing {', '.join(missing)}"] if missing else []
+        listed += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
+        raise UserError(f"{path}: the {what} weights do not fit the network: "
+                        + "; ".join(listed))

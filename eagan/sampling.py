@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.utils import make_grid
 
-from eagan.checkpoint import load_checkpoint
+from eagan.checkpoint import load_checkpoint, load_weights
 from eagan.config import Config, config_from_dict
 from eagan.factory import build_generator
 from eagan.files import atomic_output
@@ -146,7 +146,8 @@ def load_generator(path: str | Path, ema: bool = True,
     config = config_from_dict(payload["config"], source=f"{path} (stored config)")
     generator = build_generator(config.model, config.data.image_size, payload["num_classes"])
     use_ema = ema and payload.get("generator_ema") is not None
-    generator.load_state_dict(payload["generator_ema" if use_ema else "generator"])
+    load_weights(generator, payload["generator_ema" if use_ema else "generator"], Path(path),
+                 "EMA generator" if use_ema else "generator")
     generator.to(device).eval()
     return SampledGenerator(generator, config, payload.get("class_names", []), payload["step"],
                             use_ema)

@@ -194,10 +194,11 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     if resume_from is not None:
         payload = ckpt.load_checkpoint(resume_from, map_location=device)
         _check_resumable(payload["config"], to_dict(config), resume_from)
-        generator.load_state_dict(payload["generator"])
-        discriminator.load_state_dict(payload["discriminator"])
+        ckpt.load_weights(generator, payload["generator"], resume_from, "generator")
+        ckpt.load_weights(discriminator, payload["discriminator"], resume_from, "discriminator")
         if generator_ema is not None:
-            generator_ema.load_state_dict(payload["generator_ema"])
+            ckpt.load_weights(generator_ema, payload["generator_ema"], resume_from,
+                              "EMA generator")
         gan.opt_g.load_state_dict(payload["optimizer_g"])
         gan.opt_d.load_state_dict(payload["optimizer_d"])
         gan.scaler_g.load_state_dict(payload["scaler_g"])

@@ -84,6 +84,14 @@ def foreign_checkpoint(ws: Workspace) -> Path:
     return path
 
 
+def checkpoint_of_other_networks(ws: Workspace) -> Path:
+    payload = torch.load(ws.trained / "ckpt-0000002.pt", weights_only=True)
+    payload["generator"]["attention.query.bias"] = torch.zeros(16)
+    path = ws.root / "older.pt"
+    torch.save(payload, path)
+    return path
+
+
 def copied_run(ws: Workspace) -> Path:
     shutil.copytree(ws.trained, ws.root / "run")
     return ws.root / "run"
@@ -161,6 +169,10 @@ CASES = [
     ("foreign-checkpoint", lambda ws: ["-c", ws.config, "--sample", "--ckpt",
                                        foreign_checkpoint(ws), "--out", ws.root / "out"],
      ["foreign.pt", "not an EAGAN checkpoint"]),
+    ("checkpoint-of-other-networks", lambda ws: ["-c", ws.config, "--sample", "--ckpt",
+                                                 checkpoint_of_other_networks(ws), "--out",
+                                                 ws.root / "out"],
+     ["older.pt", "generator weights do not fit", "unexpected attention.query.bias"]),
     ("checkpoint-folder-without-checkpoints", lambda ws: ["-c", ws.config, "--sample", "--ckpt",
                                                           ws.root, "--out", ws.root / "out"],
      ["holds no checkpoint"]),
