@@ -30,14 +30,14 @@ from typing import Callable, Iterator
 
 import torch
 import torch_fidelity
-from torch import Tensor, nn
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 from eagan.config import Config, load_config  # noqa: E402
 from eagan.errors import UserError  # noqa: E402
 from eagan.factory import build_generator  # noqa: E402
 from eagan.metrics import (IS_LAYER, PROTOCOLS, WEIGHTS_FILENAME, Inception,  # noqa: E402
-                           bn_mode, images_to_uint8, inception_score_from_logits)
+                           UnconditionalSampler, bn_mode, inception_score_from_logits)
 from eagan.models import count_parameters  # noqa: E402
 from eagan.sampling import load_generator  # noqa: E402
 
@@ -69,25 +69,6 @@ class Report:
     busy_cpu: bool  # the load average exceeded the cores: times measured contention
     verdict: str = ""
     notes: list[str] = field(default_factory=list)
-
-
-class Uint8Generator(nn.Module):
-    """What a torch-fidelity user writes: z (B, z_dim) -> uint8 images (B, 3, H, W), labels of
-    a conditional generator drawn uniformly from a seeded torch.Generator (as eagan.metrics
-    does, so both paths see the same images)."""
-
-    def __init__(self, generator: nn.Module, seed: int) -> None:
-        super().__init__()
-        self.generator = generator
-        self.num_classes = int(generator.num_classes)
-        self.label_rng = torch.Generator().manual_seed(seed)
-
-    def forward(self, z: Tensor) -> Tensor:
-        labels = None
-        if self.num_classes:
-            labels = torch.randint(self.num_classes, (z.shape[0],),
-                                   generator=self.label_rng).to(z.device)  # (B,)
-        return images_to_uint8(self.generator(z, labels))  # (B, 3, H, W)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -221,7 +202,7 @@ def run_torch_fidelity(generator: nn.Module, weights: Path, device: torch.device
     start = time.perf_counter()
     # make_eval=False and the same BN mode as ours: both generators do the same arithmetic.
     wrapped = torch_fidelity.GenerativeModelModuleWrapper(
-        Uint8Generator(generator, seed), z_size=int(generator.z_dim), z_type="normal",
+        UnconditionalSampler(generator, seed), z_size=int(generator.z_dim), z_type="normal",
         num_classes=0, make_eval=False)
     with bn_mode(generator, mode), timing_calls("torch_fidelity.metrics",
                                                 "create_feature_extractor", loads), \

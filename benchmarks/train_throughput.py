@@ -34,7 +34,8 @@ from eagan.models import count_parameters  # noqa: E402
 from eagan.tracking import Tracker  # noqa: E402
 from eagan.trainer import (GANModules, LatentSampler, StepOptions, build_gan,  # noqa: E402
                            check_finite, discriminator_step, generator_step,
-                           open_training_data, tick_statistics, update_ema)
+                           open_training_data, resolve_precision, tick_statistics,
+                           update_ema)
 
 OVERHEAD_GOAL = 0.05  # data + bookkeeping + logging, as a share of a step
 PHASES = ("data", "d_step", "g_step", "bookkeeping", "logging")
@@ -248,7 +249,8 @@ def measure(config: Config, config_path: Path, device: torch.device, steps: int,
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
     overhead = sum(ms[phase] for phase in OVERHEAD_PHASES) / step_ms
     settings = {
-        "batch_size": tc.batch_size, "n_dis": tc.n_dis, "precision": tc.precision,
+        "batch_size": tc.batch_size, "n_dis": tc.n_dis,
+        "precision": resolve_precision(tc.precision, device),
         "channels_last": tc.channels_last, "compile": tc.compile, "fused_adam": tc.fused_adam,
         "ema": tc.ema_decay > 0, "log_every": tc.log_every,
         "attention": config.model.attention, "image_size": config.data.image_size,

@@ -73,9 +73,13 @@ class TrainConfig:
     ema_decay: float = option(0.0, min=0.0, max=1.0)  # 0 keeps no EMA generator
     ema_start_step: int = option(0, min=0)
     seed: int = option(0, min=0)
-    precision: str = option("fp32", choices=("fp32", "bf16", "fp16"))
+    # "auto": bf16 autocast on a GPU that supports it, else fp32. The paper configs say fp32.
+    precision: str = option("auto", choices=("auto", "fp32", "bf16", "fp16"))
     channels_last: bool = False
     compile: bool = False
+    # torch.compile mode; "reduce-overhead" adds CUDA graphs, which suit these small steps.
+    compile_mode: str = option("default", choices=("default", "reduce-overhead",
+                                                   "max-autotune"))
     fused_adam: bool = False
     sync_batchnorm: bool = False  # one set of G batch statistics across DDP ranks
     nonfinite: str = option("stop", choices=("stop", "skip"))

@@ -52,7 +52,7 @@ from torch_fidelity.utils import (
 )
 
 from eagan.errors import UserError
-from eagan.sampling import bn_mode
+from eagan.sampling import bn_mode, to_uint8
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 FEATURE_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's registered name
@@ -290,12 +290,7 @@ class _ImageTensorDataset(Dataset):
         return self.images[index]
 
 
-def images_to_uint8(images: Tensor) -> Tensor:
-    """Images in [-1, 1] -> uint8 in [0, 255]: (x + 1) * 127.5, rounded, clamped."""
-    return ((images + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-class _UnconditionalSampler(nn.Module):
+class UnconditionalSampler(nn.Module):
     """z (B, z_dim) -> uint8 images (B, 3, H, W). A conditional generator gets uniform labels
     drawn here from a seeded torch.Generator, so torch-fidelity sees an unconditional model."""
 
@@ -310,7 +305,7 @@ class _UnconditionalSampler(nn.Module):
         if self.num_classes > 0:
             labels = torch.randint(self.num_classes, (z.shape[0],),
                                    generator=self.label_rng).to(z.device)  # (B,)
-        return images_to_uint8(self.generator(z, labels))  # (B, 3, H, W)
+        return to_uint8(self.generator(z, labels))  # (B, 3, H, W)
 
 
 @dataclass
@@ -362,7 +357,7 @@ class Inception:
         """Features of ``num_samples`` images of ``generator`` (forward(z, labels) -> [-1, 1]),
         in whatever train/eval mode the caller put it."""
         sampler = GenerativeModelModuleWrapper(
-            _UnconditionalSampler(generator, seed), z_size=int(generator.z_dim), z_type="normal",
+            UnconditionalSampler(generator, seed), z_size=int(generator.z_dim), z_type="normal",
             num_classes=0, make_eval=False)  # make_eval=True would undo batch-statistics BN
         with _device_scope(self.device):
             return get_featuresdict_from_generative_model(sampler, self.extractor, num_samples,

@@ -251,7 +251,11 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     running_count, tick_start, tick_step = 0, time.perf_counter(), start_step
     last_stats: dict[str, float] = {}
     step = start_step
-    with stop_request:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(stop_request)
+        cleanup.callback(progress.close)
+        if tracker is not None:
+            cleanup.callback(tracker.close)
         while step < tc.total_steps:
             # -- Discriminator updates: n_dis, each with a fresh real batch, z and labels.
             d_bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -306,8 +310,10 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
                 if context.is_main:
                     results = evaluate(generator_ema if generator_ema is not None else
                                        generator, step)
-                    tracker.scalars(step, {f"Metrics/{key}": value for key, value in
-                                           results.items() if isinstance(value, (int, float))})
+                    tracker.scalars(step, {"Metrics/fid": results["fid"],
+                                           "Metrics/is_mean": results["is_mean"],
+                                           "Metrics/is_std": results["is_std"],
+                                           "Timing/eval_sec": results["elapsed_s"]})
                     improved = best_fid is None or results["fid"] < best_fid
                     best_fid = results["fid"] if improved else best_fid
                 if broadcast_flag(context, improved):
@@ -322,9 +328,6 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             if stop_now:
                 break
 
-    progress.close()
-    if tracker is not None:
-        tracker.close()
     if context.is_main:
         why = " on a signal" if stop_request.requested else ""
         best = f"best FID {best_fid:.3f}, " if best_fid is not None else ""
@@ -380,7 +383,8 @@ def build_gan(config: Config, num_classes: int, context: DistContext
     adam = dict(eps=tc.adam_eps, betas=(tc.beta1, tc.beta2), fused=tc.fused_adam or None)
     opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr_g, **adam)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.lr_d, **adam)
-    scale_fp16 = tc.precision == "fp16"
+    precision = resolve_precision(tc.precision, device)
+    scale_fp16 = precision == "fp16"
     scaler_g = torch.amp.GradScaler(device.type, enabled=scale_fp16)
     scaler_d = torch.amp.GradScaler(device.type, enabled=scale_fp16)
 
@@ -390,17 +394,18 @@ def build_gan(config: Config, num_classes: int, context: DistContext
         d_update = DistributedDataParallel(discriminator)
     g_forward, d_forward = generator, discriminator
     if tc.compile:
-        g_forward, d_forward = torch.compile(generator), torch.compile(discriminator)
+        compile_ = functools.partial(torch.compile, mode=tc.compile_mode)
+        g_forward, d_forward = compile_(generator), compile_(discriminator)
         # Without DDP the update and plain forwards are one module: compile it once.
-        g_update = g_forward if g_update is generator else torch.compile(g_update)
-        d_update = d_forward if d_update is discriminator else torch.compile(d_update)
+        g_update = g_forward if g_update is generator else compile_(g_update)
+        d_update = d_forward if d_update is discriminator else compile_(d_update)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     gan = GANModules(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, g_update,
                      d_update, g_forward, d_forward)
     d_loss_fn, g_loss_fn = LOSSES[tc.loss]
     options = StepOptions(d_loss=d_loss_fn, g_loss=g_loss_fn,
-                          autocast=functools.partial(_autocast, tc.precision, device),
+                          autocast=functools.partial(_autocast, precision, device),
                           channels_last=tc.channels_last, nonfinite=tc.nonfinite)
     return gan, options, generator_ema
 
@@ -440,6 +445,14 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         ema_param.lerp_(param, 1.0 - decay)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' becomes bf16 on a CUDA device with bf16 support and fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return "bf16" if bf16 else "fp32"
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -559,7 +572,7 @@ def _print_banner(config: Config, context: DistContext, dataset: ImageSet | Imag
         f"networks      G {count_parameters(generator) / 1e6:.2f} M, "
         f"D {count_parameters(discriminator) / 1e6:.2f} M parameters, "
         f"attention {config.model.attention}",
-        f"precision     {config.train.precision}"
+        f"precision     {resolve_precision(config.train.precision, context.device)}"
         f"{', channels_last' if config.train.channels_last else ''}"
         f"{', compiled' if config.train.compile else ''}",
         f"run folder    {run_dir}" + (f" (resuming at step {start_step})" if start_step else ""),

@@ -108,7 +108,7 @@ def test_paper_recipes():
     for recipe in (cifar, tiny):
         assert (recipe.total_steps, recipe.adam_eps, recipe.beta2, recipe.loss) == \
             (100_000, 1e-6, 0.999, "hinge")
-        assert recipe.ema_decay == 0.0 and recipe.precision == "fp32"
+        assert recipe.ema_decay == 0.0 and recipe.precision == "fp32" and not recipe.compile
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):

@@ -29,14 +29,13 @@ from eagan.metrics import (
     PROTOCOLS,
     WEIGHTS_FILENAME,
     Inception,
-    _UnconditionalSampler,
+    UnconditionalSampler,
     bn_mode,
     check_inception_weights,
     evaluate_generator,
     format_results_table,
     frechet_distance,
     gaussian_statistics,
-    images_to_uint8,
     inception_score_from_logits,
     resolve_inception_weights,
     resolve_protocol,
@@ -334,12 +333,6 @@ def test_default_weights_in_the_hub_cache_are_used_without_download(tmp_path, st
 
 # ----------------------------------------------------------------------------- generator side
 
-def test_images_to_uint8_rounds_and_clamps():
-    images = torch.tensor([-2.0, -1.0, -0.999, 0.0, 0.5, 1.0, 3.0])
-    expected = torch.tensor([0, 0, 0, 128, 191, 255, 255], dtype=torch.uint8)  # 127.5 -> 128
-    assert torch.equal(images_to_uint8(images), expected)
-
-
 class LabelRecorder(nn.Module):
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -353,7 +346,7 @@ class LabelRecorder(nn.Module):
 def test_sampler_draws_seeded_uniform_labels_without_touching_global_rng():
     recorder = LabelRecorder(num_classes=5)
     rng_state = torch.get_rng_state()
-    images = _UnconditionalSampler(recorder, seed=3)(torch.zeros(4000, 4))
+    images = UnconditionalSampler(recorder, seed=3)(torch.zeros(4000, 4))
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert images.dtype == torch.uint8 and torch.all(images == 128)
     labels = recorder.seen[0]
@@ -364,7 +357,7 @@ def test_sampler_draws_seeded_uniform_labels_without_touching_global_rng():
 
 def test_unconditional_generator_gets_no_labels():
     recorder = LabelRecorder(num_classes=0)
-    _UnconditionalSampler(recorder, seed=0)(torch.zeros(2, 4))
+    UnconditionalSampler(recorder, seed=0)(torch.zeros(2, 4))
     assert recorder.seen == [None]
 
 

@@ -11,7 +11,7 @@ from eagan.errors import UserError
 from eagan.losses import LOSSES, d_hinge_loss, g_hinge_loss
 from eagan.models import Discriminator, Generator
 from eagan.trainer import (GANModules, NonFiniteLoss, StepOptions, discriminator_step,
-                           generator_step, train)
+                           generator_step, resolve_precision, train)
 
 
 def tiny_gan(attention: str = "external", seed: int = 0) -> GANModules:
@@ -157,7 +157,9 @@ def test_run_folder_holding_a_run_is_not_overwritten(tiny_config_path):
     assert ckpt.step_path(config.run_dir, 2).read_bytes() == before
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config_path, monkeypatch):
+@pytest.fixture
+def g_loss_nan_at_step_3(monkeypatch):
+    """The hinge G loss, NaN on its third call (the generator update of step 3)."""
     calls = {"n": 0}
 
     def exploding_g_loss(fake_logits):
@@ -166,21 +168,17 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config_pat
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setitem(LOSSES, "hinge", (d_hinge_loss, exploding_g_loss))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config_path,
+                                                                 g_loss_nan_at_step_3):
     config = load_config(tiny_config_path)
     with pytest.raises(NonFiniteLoss, match="step 3: the generator loss is not finite"):
         train(config, show_progress=False)
     assert [step for step, _ in ckpt.step_checkpoints(config.run_dir)] == [2]
 
 
-def test_nonfinite_skip_continues(tiny_config_path, monkeypatch):
-    calls = {"n": 0}
-
-    def exploding_g_loss(fake_logits):
-        calls["n"] += 1
-        loss = g_hinge_loss(fake_logits)
-        return loss * float("nan") if calls["n"] == 3 else loss
-
-    monkeypatch.setitem(LOSSES, "hinge", (d_hinge_loss, exploding_g_loss))
+def test_nonfinite_skip_continues(tiny_config_path, g_loss_nan_at_step_3):
     result = train(load_config(tiny_config_path, ["train.nonfinite=skip"]), show_progress=False)
     assert result.step == 4
     payload = ckpt.load_checkpoint(ckpt.step_path(result.run_dir, 4))
@@ -229,3 +227,10 @@ def test_compiled_first_step_matches_eager(tmp_path, tiny_config_path, monkeypat
         for name, value in results[False][network].items():
             torch.testing.assert_close(results[True][network][name], value, rtol=1e-4,
                                        atol=1e-5, msg=f"{network}.{name}")
+
+
+@pytest.mark.parametrize("asked, device, expected", [
+    ("auto", "cpu", "fp32"), ("bf16", "cpu", "bf16"), ("fp16", "cpu", "fp16"),
+    ("fp32", "cpu", "fp32")])
+def test_precision_resolution(asked, device, expected):
+    assert resolve_precision(asked, torch.device(device)) == expected
