@@ -74,13 +74,12 @@ def first_step(rank: int, world_size: int, port: int, out: Path) -> None:
     discriminator_step(gan, options, real, labels, *latents.draw(), step=0)
     generator_step(gan, options, *latents.draw(), step=0)
     if rank == 0:
-        # Gradients too: Adam's first step is invariant to the gradient's scale, so equal
-        # weights alone would not show a sum where a mean belongs.
+        # Gradients, not weights: Adam's first step is invariant to the gradient's scale, so
+        # equal weights would not show a sum where a mean belongs.
         grads = {f"{prefix}.{name}": param.grad for prefix, network in
                  (("G", gan.generator), ("D", gan.discriminator))
                  for name, param in network.named_parameters()}
-        torch.save({"generator": gan.generator.state_dict(),
-                    "discriminator": gan.discriminator.state_dict(), "grads": grads}, out)
+        torch.save({"grads": grads}, out)
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -92,9 +91,8 @@ def test_two_ranks_with_half_batches_match_one_rank(tmp_path):
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert one["grads"].keys() == two["grads"].keys()
     for name, grad in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    for network in ("generator", "discriminator"):
-        for name, value in one[network].items():
-            if value.is_floating_point():
-                torch.testing.assert_close(two[network][name], value, rtol=1e-4, atol=1e-5,
-                                           msg=f"{network}.{name}")
+        # Summation order differs (one batch of 8 against two of 4 averaged): allow float
+        # round-off relative to the gradient's scale.
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=name)
