@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -39,4 +41,7 @@ def test_npz_is_uint8_nhwc_with_labels(tmp_path):
         # Pixel (0, 0) of image 0: channel c is -1 + 32c/95, so (32c/95) * 127.5 rounded.
         assert saved["arr_0"][0, 0, 0].tolist() == [0, 43, 86]
         assert saved["labels"].tolist() == [4, 9]
-    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "s.npz").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes it
