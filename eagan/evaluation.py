@@ -31,21 +31,23 @@ def reference_set(config: Config) -> tuple[Tensor, str, Protocol]:
 
 
 def make_training_evaluator(config: Config, device: torch.device, show_progress: bool = True
-                            ) -> Callable[[nn.Module, int], dict[str, Any]]:
-    """The trainer's evaluation hook: FID and IS of a generator at a step. The reference split
-    and the Inception weights are loaded now, so that a missing file stops the run before it
-    trains rather than hours later."""
+                            ) -> Callable[..., dict[str, Any] | None]:
+    """The trainer's evaluation hook: FID and IS of a generator at a step, sampled across the
+    ranks under torchrun (the result on rank 0, None elsewhere). The reference split and the
+    Inception weights are loaded now, so that a missing file stops the run before it trains
+    rather than hours later."""
     images, name, protocol = reference_set(config)
     inception = Inception.load(config.eval.inception_weights, device, progress=show_progress)
     is_ema = config.train.ema_decay > 0
 
-    def evaluate(generator: nn.Module, step: int) -> dict[str, Any]:
+    def evaluate(generator: nn.Module, step: int, rank: int = 0, world_size: int = 1
+                 ) -> dict[str, Any] | None:
         result = evaluate_generator(
             generator, inception, reference_images=images, reference_name=name,
             protocol=protocol, batch_size=config.eval.batch_size, seed=config.eval.seed,
             cache_dir=Path(config.eval.cache_dir).expanduser(), ema=is_ema, step=step,
-            progress=show_progress)
-        if show_progress:
+            progress=show_progress, rank=rank, world_size=world_size)
+        if result is not None and show_progress:
             tqdm.write(f"step {step}: FID {result['fid']:.3f}, IS {result['is_mean']:.3f} "
                        f"({result['protocol']}, {result['num_samples']} samples)")
         return result

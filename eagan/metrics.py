@@ -418,10 +418,14 @@ def _module_device(module: nn.Module) -> torch.device:
 def evaluate_generator(generator: nn.Module, inception: Inception, *,
                        reference_images: Tensor | np.ndarray, reference_name: str,
                        protocol: Protocol, batch_size: int, seed: int, cache_dir: str | Path,
-                       ema: bool = False, step: int | None = None,
-                       progress: bool = False) -> dict[str, Any]:
+                       ema: bool = False, step: int | None = None, progress: bool = False,
+                       rank: int = 0, world_size: int = 1) -> dict[str, Any] | None:
     """FID and IS of ``generator`` under ``protocol`` against uint8 reference images
     (N, 3, H, W).
+
+    Under torch.distributed (``world_size`` > 1, every rank calling), each rank generates its
+    share of the samples with seed ``seed + rank``, the features are gathered on rank 0, which
+    returns the result; the other ranks return None. One process uses ``seed`` alone.
 
     ``generator``: any module with forward(z, labels) -> images in [-1, 1], attributes z_dim and
     num_classes (0: unconditional, called with labels=None), on ``inception``'s device. It is
@@ -434,12 +438,20 @@ def evaluate_generator(generator: nn.Module, inception: Inception, *,
     device = _module_device(generator)
     if device != inception.device:
         raise ValueError(f"the generator is on {device} but Inception on {inception.device}")
+    # Equal shares, so every rank runs as many generator batches (SyncBatchNorm needs that);
+    # rank 0 keeps the first num_samples of the gathered features.
+    share = -(-protocol.num_samples // world_size)
+    with bn_mode(generator, protocol.bn_mode):
+        features = inception.generator_features(generator, share, batch_size, seed + rank,
+                                                progress=progress and rank == 0)
+    if world_size > 1:
+        features = _gather_features(features, rank, world_size)
+        if rank != 0:
+            return None
+        features = {layer: values[:protocol.num_samples] for layer, values in features.items()}
     reference_images = torch.as_tensor(reference_images)
     mu_ref, sigma_ref = reference_statistics(inception, reference_images, reference_name,
                                              Path(cache_dir), batch_size, progress=progress)
-    with bn_mode(generator, protocol.bn_mode):
-        features = inception.generator_features(generator, protocol.num_samples, batch_size,
-                                                seed, progress=progress)
     mu, sigma = gaussian_statistics(features[FID_LAYER])
     is_mean, is_std = inception_score_from_logits(features[IS_LAYER], protocol.is_splits)
     return {
@@ -458,6 +470,17 @@ def evaluate_generator(generator: nn.Module, inception: Inception, *,
         "batch_size": batch_size,
         "elapsed_s": time.perf_counter() - start,
     }
+
+
+def _gather_features(features: dict[str, Tensor], rank: int, world_size: int
+                     ) -> dict[str, Tensor]:
+    """Every rank's features concatenated in rank order on rank 0 (others get their own)."""
+    mine = {layer: values.cpu() for layer, values in features.items()}
+    gathered = [None] * world_size if rank == 0 else None
+    torch.distributed.gather_object(mine, gathered, dst=0)
+    if rank != 0:
+        return mine
+    return {layer: torch.cat([part[layer] for part in gathered]) for layer in mine}
 
 
 def format_results_table(result: Mapping[str, Any]) -> str:

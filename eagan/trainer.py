@@ -149,8 +149,9 @@ class LatentSampler:
 def train(config: Config, resume: bool = False, show_progress: bool = True,
           evaluate: Callable[..., dict[str, Any]] | None = None) -> TrainResult:
     """Train G and D as ``config`` says, in ``config.run_dir``; ``resume`` continues the run
-    there from its latest checkpoint. ``evaluate(generator, step)`` (the metrics hook) returns
-    a dict with at least 'fid'; it runs every ``config.eval.every`` steps when given."""
+    there from its latest checkpoint. ``evaluate(generator, step, rank, world_size)`` (the
+    metrics hook, called on every rank) returns on rank 0 a dict with at least 'fid'; it runs
+    every ``config.eval.every`` steps when given."""
     # ---- Processes, device, run folder ------------------------------------------------------
     context = init_distributed(config.train.device)
     try:
@@ -307,9 +308,9 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             if evaluate is not None and config.eval.every and (
                     step % config.eval.every == 0 or step == tc.total_steps):
                 improved = False
+                results = evaluate(generator_ema if generator_ema is not None else generator,
+                                   step, context.rank, context.world_size)
                 if context.is_main:
-                    results = evaluate(generator_ema if generator_ema is not None else
-                                       generator, step)
                     tracker.scalars(step, {"Metrics/fid": results["fid"],
                                            "Metrics/is_mean": results["is_mean"],
                                            "Metrics/is_std": results["is_std"],

@@ -1,4 +1,6 @@
 """Data-parallel training on CPU with gloo: the same code path torchrun and NCCL take on GPUs."""
+import json
+import math
 import os
 import socket
 import subprocess
@@ -28,11 +30,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun(config: Path, *args: str, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                f"--master_port={free_port()}", str(REPO / "run.py"), "-c", str(config),
                "--train", "--no-progress", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
                           cwd=REPO)
 
@@ -47,6 +50,19 @@ def test_torchrun_trains_checkpoints_and_resumes(tiny_config_path, tmp_path):
     assert [step for step, _ in ckpt.step_checkpoints(tmp_path / "run")] == [2, 4]
     stats = (tmp_path / "run" / "stats.jsonl").read_text().splitlines()
     assert len(stats) == 2  # rank 0 alone logs
+
+
+def test_torchrun_evaluates_across_ranks(tiny_config_path, tmp_path, standin_weights):
+    done = torchrun(tiny_config_path, "--set", "train.total_steps=2", "--set", "eval.every=2",
+                    "--set", "eval.num_samples=7", "--set", "eval.batch_size=4", "--set",
+                    f"eval.cache_dir={tmp_path / 'cache'}", "--inception-weights",
+                    str(standin_weights), env={"TORCH_HOME": str(tmp_path / "torch_home")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text()
+             .splitlines()]
+    fids = [line["Metrics/fid"] for line in stats if "Metrics/fid" in line]
+    assert len(fids) == 1 and math.isfinite(fids[0])  # logged once, by rank 0
+    assert ckpt.load_checkpoint(tmp_path / "run" / "best.pt")["best_fid"] == fids[0]
 
 
 def first_step(rank: int, world_size: int, port: int, out: Path) -> None:
