@@ -12,7 +12,7 @@ import functools
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +53,6 @@ class TrainResult:
     run_dir: Path
     step: int
     best_fid: float | None = None
-    last_stats: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -250,7 +249,6 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     stop_request = _StopRequest()
     running = torch.zeros(4, device=device)  # sums of D real, D fake, D total, G losses
     running_count, tick_start, tick_step = 0, time.perf_counter(), start_step
-    last_stats: dict[str, float] = {}
     step = start_step
     with contextlib.ExitStack() as cleanup:
         cleanup.enter_context(stop_request)
@@ -289,12 +287,12 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             # -- Maintenance: logs, grids, evaluation, checkpoints.
             if step % tc.log_every == 0 or step == tc.total_steps:
                 now = time.perf_counter()
-                last_stats = tick_statistics(gan, running / running_count,
-                                             (step - tick_step) / max(now - tick_start, 1e-9))
+                stats = tick_statistics(gan, running / running_count,
+                                        (step - tick_step) / max(now - tick_start, 1e-9))
                 if tracker is not None:
-                    tracker.scalars(step, last_stats)
-                progress.set_postfix(d=f"{last_stats['Loss/D/total']:.3f}",
-                                     g=f"{last_stats['Loss/G/total']:.3f}")
+                    tracker.scalars(step, stats)
+                progress.set_postfix(d=f"{stats['Loss/D/total']:.3f}",
+                                     g=f"{stats['Loss/G/total']:.3f}")
                 running.zero_()
                 running_count, tick_start, tick_step = 0, now, step
 
@@ -333,7 +331,7 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
         why = " on a signal" if stop_request.requested else ""
         best = f"best FID {best_fid:.3f}, " if best_fid is not None else ""
         tqdm.write(f"stopped at step {step}{why}: {best}checkpoints, logs and grids in {run_dir}")
-    return TrainResult(run_dir=run_dir, step=step, best_fid=best_fid, last_stats=last_stats)
+    return TrainResult(run_dir=run_dir, step=step, best_fid=best_fid)
 
 
 def check_finite(step: int, d_bad: Tensor, loss_g: Tensor, run_dir: Path) -> None:
