@@ -234,3 +234,15 @@ def test_compiled_first_step_matches_eager(tmp_path, tiny_config_path, monkeypat
     ("fp32", "cpu", "fp32")])
 def test_precision_resolution(asked, device, expected):
     assert resolve_precision(asked, torch.device(device)) == expected
+
+
+def test_speed_switches_train_on_cpu(tiny_config_path):
+    # bf16 autocast, channels_last and fused Adam together: the GPU defaults, run where PyTorch
+    # allows it on CPU.
+    switches = ["train.precision=bf16", "train.channels_last=true", "train.fused_adam=true",
+                "train.total_steps=2"]
+    result = train(load_config(tiny_config_path, switches), show_progress=False)
+    payload = ckpt.load_checkpoint(ckpt.step_path(result.run_dir, 2))
+    weights = [value for value in payload["generator"].values() if value.is_floating_point()]
+    assert all(torch.isfinite(value).all() for value in weights)
+    assert all(value.dtype == torch.float32 for value in weights)  # autocast leaves weights fp32
