@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from eagan.attention import GatedAttention2d
 from eagan.checkpoint import resolve_checkpoint_arg
 from eagan.config import Config, load_config
 from eagan.distributed import resolve_device
@@ -17,6 +18,7 @@ from eagan.errors import UserError
 from eagan.files import ensure_writable_dir
 from eagan.sampling import BN_MODES, class_grid_labels, grid_image, load_generator, save_png, \
     write_npz
+from eagan.visualize import attention_figure
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -118,6 +120,8 @@ def _sample(args: argparse.Namespace) -> int:
     path = resolve_checkpoint_arg(args.ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampler = load_generator(path, ema=not args.raw, device=device)
+    if args.attention and not isinstance(sampler.generator.attention, GatedAttention2d):
+        raise UserError(f"{path}: --attention: this generator has no attention block")
     out_dir = ensure_writable_dir(args.out or "samples", "the output folder")
     stem = f"{path.parent.name}-step{sampler.step}" + ("-ema" if sampler.is_ema else "")
     per_row = 8
@@ -135,17 +139,12 @@ def _sample(args: argparse.Namespace) -> int:
         save_png(grid_image(sampler.interpolate(rows=8, steps=per_row, seed=args.seed,
                                                 bn=args.bn), per_row), written[-1])
     if args.attention:
-        from eagan.visualize import attention_figure
-
         rng = torch.Generator().manual_seed(args.seed)
         z = torch.randn(per_row, sampler.generator.z_dim, generator=rng).to(device)
-        grid_labels = torch.randint(max(sampler.num_classes, 1), (per_row,),
-                                    generator=rng).to(device) if sampler.num_classes else None
-        figure = attention_figure(sampler.generator, z, grid_labels)
-        if figure is None:
-            raise UserError(f"{path}: --attention: this generator has no attention block")
+        grid_labels = torch.randint(sampler.num_classes, (per_row,), generator=rng).to(device) \
+            if sampler.num_classes else None
         written.append(out_dir / f"{stem}-attention.png")
-        save_png(figure, written[-1])
+        save_png(attention_figure(sampler.generator, z, grid_labels), written[-1])
     for output in written:
         print(output)
     return 0

@@ -92,6 +92,17 @@ def checkpoint_of_other_networks(ws: Workspace) -> Path:
     return path
 
 
+def no_attention_checkpoint(ws: Workspace) -> Path:
+    """A checkpoint whose networks have no attention block (the config says so)."""
+    payload = torch.load(ws.trained / "ckpt-0000002.pt", weights_only=True)
+    payload["config"]["model"]["attention"] = "none"
+    payload["generator"] = {name: value for name, value in payload["generator"].items()
+                            if not name.startswith("attention.")}
+    path = ws.root / "plain-G.pt"
+    torch.save(payload, path)
+    return path
+
+
 def copied_run(ws: Workspace) -> Path:
     shutil.copytree(ws.trained, ws.root / "run")
     return ws.root / "run"
@@ -204,6 +215,9 @@ CASES = [
      ["already holds a run", "--resume"]),
     ("resume-without-checkpoint", lambda ws: ["-c", ws.config, "--train", "--resume"],
      ["holds no checkpoint"]),
+    ("attention-maps-without-attention", lambda ws: [
+        "-c", ws.config, "--sample", "--ckpt", no_attention_checkpoint(ws), "--attention",
+        "--out", ws.root / "out"], ["plain-G.pt", "no attention block"]),
     ("zero-samples", lambda ws: ["-c", ws.config, "--sample", "--ckpt", ws.trained,
                                  "--num-samples", "0"], ["--num-samples", "> 0"]),
 ]
