@@ -32,8 +32,8 @@ from eagan.distributed import DistContext, resolve_device  # noqa: E402
 from eagan.errors import UserError  # noqa: E402
 from eagan.models import count_parameters  # noqa: E402
 from eagan.tracking import Tracker  # noqa: E402
-from eagan.trainer import (GANModules, LatentSampler, StepOptions, build_gan,  # noqa: E402
-                           check_finite, discriminator_step, generator_step,
+from eagan.trainer import (LOSS_NAMES, GANModules, LatentSampler, StepOptions,  # noqa: E402
+                           build_gan, check_finite, discriminator_step, generator_step,
                            open_training_data, resolve_precision, tick_statistics,
                            update_ema)
 
@@ -165,7 +165,7 @@ def run_steps(setup: Setup, config: Config, first_step: int, count: int,
     tc, gan, options = config.train, setup.gan, setup.options
     device = setup.latents.device
     clock = clock or PhaseClock(device, enabled=False)
-    running = torch.zeros(4, device=device)  # sums of D real, D fake, D total, G losses
+    running = torch.zeros(len(LOSS_NAMES), device=device)  # the trainer's loss sums
     running_count, step, last_step = 0, first_step, first_step + count
     iteration_times, tick_times = [], []
     while step < last_step:
@@ -176,7 +176,7 @@ def run_steps(setup: Setup, config: Config, first_step: int, count: int,
             real, real_labels = setup.batches.next()
             z, fake_labels = setup.latents.draw()
             iteration += clock.lap("data")
-            loss_d, loss_real, loss_fake = discriminator_step(
+            loss_d, loss_real, loss_fake, class_d = discriminator_step(
                 gan, options, real, real_labels if setup.num_classes else None, z,
                 fake_labels, step)
             iteration += clock.lap("d_step")
@@ -184,7 +184,7 @@ def run_steps(setup: Setup, config: Config, first_step: int, count: int,
             iteration += clock.lap("bookkeeping")
         z, fake_labels = setup.latents.draw()
         iteration += clock.lap("data")
-        loss_g = generator_step(gan, options, z, fake_labels, step)
+        loss_g, class_g = generator_step(gan, options, z, fake_labels, step)
         iteration += clock.lap("g_step")
         step += 1
         if tc.nonfinite == "stop":
@@ -192,7 +192,8 @@ def run_steps(setup: Setup, config: Config, first_step: int, count: int,
         if setup.generator_ema is not None:
             decay = tc.ema_decay if step > tc.ema_start_step else 0.0
             update_ema(setup.generator_ema, gan.generator, decay)
-        running += torch.stack([loss_real, loss_fake, loss_d, loss_g]).detach().float()
+        running += torch.stack([loss_real, loss_fake, class_d, loss_d, class_g,
+                                loss_g]).float()
         running_count += 1
         progress.update(1)
         iteration_times.append(iteration + clock.lap("bookkeeping"))
@@ -207,7 +208,8 @@ def run_steps(setup: Setup, config: Config, first_step: int, count: int,
 def log_tick(setup: Setup, tracker: Tracker, step: int, running: Tensor,
              running_count: int) -> None:
     """The statistics the trainer gathers and writes at a log tick."""
-    tracker.scalars(step, tick_statistics(setup.gan, running / running_count, 0.0))
+    tracker.scalars(step, tick_statistics(setup.gan, running / running_count, 0.0,
+                                          classifier=bool(setup.options.class_weight)))
 
 
 def measure(config: Config, config_path: Path, device: torch.device, steps: int,

@@ -57,6 +57,8 @@ class ModelConfig:
     g_attention_after: int | None = option(None, positive=True)  # None: the recipe's block
     d_attention_after: int | None = option(None, positive=True)
     conditional: bool = True  # class-conditional when the dataset has classes
+    # An AC-GAN classifier head on D, trained with train.aux_loss_weight (not in the recipe).
+    aux_classifier: bool = False
 
 
 @dataclass
@@ -70,6 +72,7 @@ class TrainConfig:
     adam_eps: float = option(1e-6, positive=True)
     n_dis: int = option(5, positive=True)  # discriminator updates per generator update
     loss: str = option("hinge", choices=("hinge", "nonsaturating", "wasserstein"))
+    aux_loss_weight: float = option(1.0, positive=True)  # with model.aux_classifier
     ema_decay: float = option(0.0, min=0.0, max=1.0)  # 0 keeps no EMA generator
     ema_start_step: int = option(0, min=0)
     seed: int = option(0, min=0)

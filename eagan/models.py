@@ -212,16 +212,23 @@ class Discriminator(nn.Module):
     Residual blocks, the attention block after block ``attention_after``, ReLU, global sum
     pooling, then SN-linear(C -> 1) plus the projection term sum(embed(y) * h) (Miyato & Koyama,
     2018). ``num_classes == 0`` drops the projection (labels ignored).
+
+    ``aux_classifier`` adds an SN-linear(C -> num_classes) head on the same pooled features, the
+    auxiliary classifier of AC-GAN (Odena et al., 2017); ``forward(..., classify=True)`` then
+    also returns its class logits (B, num_classes). Not part of the SAGAN recipe: it gives G a
+    direct class signal, which the projection term alone only builds up over many steps.
     """
 
     def __init__(self, image_size: int, num_classes: int, base_channels: int = 64,
                  attention: str = "self", attention_after: int | None = None,
-                 memory_size: int = 64, heads: int = 1) -> None:
+                 memory_size: int = 64, heads: int = 1, aux_classifier: bool = False) -> None:
         super().__init__()
         topology = _topology(image_size)
         if attention_after is None:
             attention_after = topology.d_attention_after
         _check_args(image_size, num_classes, base_channels, attention_after, len(topology.d_out))
+        if aux_classifier and num_classes == 0:
+            raise ValueError("an auxiliary classifier needs classes (num_classes > 0)")
         out_widths = [base_channels * m for m in topology.d_out]
         in_widths = [3] + out_widths[:-1]
 
@@ -237,9 +244,14 @@ class Discriminator(nn.Module):
                                          memory_size=memory_size, heads=heads)
         self.linear = sn_linear(out_widths[-1], 1)
         self.embedding = sn_embedding(num_classes, out_widths[-1]) if num_classes else None
+        self.classifier = sn_linear(out_widths[-1], num_classes) if aux_classifier else None
         init_orthogonal_(self)
 
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, images: Tensor, labels: Tensor | None = None, classify: bool = False
+                ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B,); with ``classify``, (logits, class logits (B, num_classes))."""
+        if classify and self.classifier is None:
+            raise ValueError("classify=True needs a discriminator built with aux_classifier")
         labels = _labels_or_none(labels, self.num_classes)
         h = images
         for number, block in enumerate(self.blocks, start=1):
@@ -250,7 +262,7 @@ class Discriminator(nn.Module):
         logits = self.linear(h).squeeze(1)  # (B,)
         if self.embedding is not None:
             logits = logits + (self.embedding(labels) * h).sum(dim=1)
-        return logits
+        return (logits, self.classifier(h)) if classify else logits
 
 
 def attention_gammas(module: nn.Module) -> dict[str, float]:

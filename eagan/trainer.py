@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -38,6 +39,9 @@ from eagan.tracking import Tracker
 from eagan.visualize import attention_figure
 
 GRID_PER_ROW = 8
+# The losses summed every step and logged as their means per tick, in this order.
+LOSS_NAMES = ("Loss/D/real", "Loss/D/fake", "Loss/D/classifier", "Loss/D/total",
+              "Loss/G/classifier", "Loss/G/total")
 # Keys a resumed run may change: how long to train, how often to log, and evaluation.
 RESUMABLE_KEYS = ("train.total_steps", "train.log_every", "train.sample_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.device",
@@ -80,6 +84,8 @@ class StepOptions:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     channels_last: bool = False
     nonfinite: str = "stop"
+    # Weight of the auxiliary classifier's cross-entropy; 0: D has no classifier head.
+    class_weight: float = 0.0
 
     def layout(self, images: Tensor) -> Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last \
@@ -88,8 +94,9 @@ class StepOptions:
 
 def discriminator_step(gan: GANModules, options: StepOptions, real: Tensor,
                        real_labels: Tensor | None, z: Tensor, fake_labels: Tensor | None,
-                       step: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One D update on a real batch and G(z): returns (loss, loss on real, loss on fake)."""
+                       step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One D update on a real batch and G(z): returns (loss, loss on real, loss on fake,
+    classifier loss on real), the last 0 without an auxiliary classifier."""
     with options.autocast():
         with torch.no_grad():
             fake = gan.g_forward(z, fake_labels)
@@ -97,24 +104,39 @@ def discriminator_step(gan: GANModules, options: StepOptions, real: Tensor,
         # single forward per backward.
         both = options.layout(torch.cat([real, fake.to(real.dtype)]))
         both_labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
-        logits = gan.d_update(both, both_labels).float()  # (2B,)
-        loss, loss_real, loss_fake = options.d_loss(*logits.split(len(real)))
+        loss_class = torch.zeros((), device=real.device)
+        if options.class_weight:
+            logits, class_logits = gan.d_update(both, both_labels, classify=True)
+            # The classifier learns from real images only: early fakes carry no class yet.
+            loss_class = F.cross_entropy(class_logits[:len(real)].float(), real_labels)
+        else:
+            logits = gan.d_update(both, both_labels)
+        loss, loss_real, loss_fake = options.d_loss(*logits.float().split(len(real)))
+        loss = loss + options.class_weight * loss_class
     _apply_update(gan.opt_d, gan.scaler_d, loss, options.nonfinite, step, "discriminator")
-    return loss.detach(), loss_real.detach(), loss_fake.detach()
+    return loss.detach(), loss_real.detach(), loss_fake.detach(), loss_class.detach()
 
 
 def generator_step(gan: GANModules, options: StepOptions, z: Tensor,
-                   fake_labels: Tensor | None, step: int) -> Tensor:
-    """One G update against a frozen D: returns the G loss."""
+                   fake_labels: Tensor | None, step: int) -> tuple[Tensor, Tensor]:
+    """One G update against a frozen D: returns (loss, classifier loss), the latter the
+    cross-entropy of D's auxiliary classifier on G(z) against the requested labels (0 without
+    one)."""
     gan.discriminator.requires_grad_(False)
     try:
         with options.autocast():
-            fake = gan.g_update(z, fake_labels)
-            loss = options.g_loss(gan.d_forward(options.layout(fake), fake_labels).float())
+            fake = options.layout(gan.g_update(z, fake_labels))
+            loss_class = torch.zeros((), device=z.device)
+            if options.class_weight:
+                logits, class_logits = gan.d_forward(fake, fake_labels, classify=True)
+                loss_class = F.cross_entropy(class_logits.float(), fake_labels)
+            else:
+                logits = gan.d_forward(fake, fake_labels)
+            loss = options.g_loss(logits.float()) + options.class_weight * loss_class
         _apply_update(gan.opt_g, gan.scaler_g, loss, options.nonfinite, step, "generator")
     finally:
         gan.discriminator.requires_grad_(True)
-    return loss.detach()
+    return loss.detach(), loss_class.detach()
 
 
 class LatentSampler:
@@ -247,7 +269,8 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
 
     # ---- The loop -----------------------------------------------------------------------------
     stop_request = _StopRequest()
-    running = torch.zeros(4, device=device)  # sums of D real, D fake, D total, G losses
+    # Sums of the losses: D real, D fake, D classifier, D total, G classifier, G total.
+    running = torch.zeros(len(LOSS_NAMES), device=device)
     running_count, tick_start, tick_step = 0, time.perf_counter(), start_step
     step = start_step
     with contextlib.ExitStack() as cleanup:
@@ -261,14 +284,14 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             for _ in range(tc.n_dis):
                 real, real_labels = batches.next()
                 z, fake_labels = latents.draw()
-                loss_d, loss_real, loss_fake = discriminator_step(
+                loss_d, loss_real, loss_fake, class_d = discriminator_step(
                     gan, options, real, real_labels if num_classes else None, z, fake_labels,
                     step)
                 d_bad |= ~torch.isfinite(loss_d)
 
             # -- Generator update, with D's weights frozen.
             z, fake_labels = latents.draw()
-            loss_g = generator_step(gan, options, z, fake_labels, step)
+            loss_g, class_g = generator_step(gan, options, z, fake_labels, step)
             step += 1
 
             # -- Non-finite losses: stop (the default) before anything is saved.
@@ -280,7 +303,8 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
                 decay = tc.ema_decay if step > tc.ema_start_step else 0.0
                 update_ema(generator_ema, generator, decay)
 
-            running += torch.stack([loss_real, loss_fake, loss_d, loss_g]).detach().float()
+            running += torch.stack([loss_real, loss_fake, class_d, loss_d, class_g,
+                                    loss_g]).float()
             running_count += 1
             progress.update(1)
 
@@ -288,7 +312,8 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             if step % tc.log_every == 0 or step == tc.total_steps:
                 now = time.perf_counter()
                 stats = tick_statistics(gan, running / running_count,
-                                        (step - tick_step) / max(now - tick_start, 1e-9))
+                                        (step - tick_step) / max(now - tick_start, 1e-9),
+                                        classifier=bool(options.class_weight))
                 if tracker is not None:
                     tracker.scalars(step, stats)
                 progress.set_postfix(d=f"{stats['Loss/D/total']:.3f}",
@@ -343,17 +368,17 @@ def check_finite(step: int, d_bad: Tensor, loss_g: Tensor, run_dir: Path) -> Non
                             f"good checkpoint is kept in {run_dir}")
 
 
-def tick_statistics(gan: GANModules, mean_losses: Tensor, steps_per_sec: float
-                    ) -> dict[str, float]:
-    """The scalars logged once per tick; ``mean_losses`` is (4,): D real, D fake, D, G."""
-    means = mean_losses.tolist()
-    stats = {
-        "Loss/D/real": means[0], "Loss/D/fake": means[1], "Loss/D/total": means[2],
-        "Loss/G/total": means[3],
+def tick_statistics(gan: GANModules, mean_losses: Tensor, steps_per_sec: float,
+                    classifier: bool = False) -> dict[str, float]:
+    """The scalars logged once per tick; ``mean_losses`` holds the losses of LOSS_NAMES, whose
+    classifier entries are logged only with an auxiliary ``classifier``."""
+    stats = {name: value for name, value in zip(LOSS_NAMES, mean_losses.tolist())
+             if classifier or not name.endswith("/classifier")}
+    stats.update({
         "Progress/lr_g": gan.opt_g.param_groups[0]["lr"],
         "Progress/lr_d": gan.opt_d.param_groups[0]["lr"],
         "Timing/steps_per_sec": steps_per_sec,
-    }
+    })
     for prefix, network in (("G", gan.generator), ("D", gan.discriminator)):
         stats.update({f"Attention/gamma/{prefix}/{name}": value
                       for name, value in attention_gammas(network).items()})
@@ -405,7 +430,9 @@ def build_gan(config: Config, num_classes: int, context: DistContext
     d_loss_fn, g_loss_fn = LOSSES[tc.loss]
     options = StepOptions(d_loss=d_loss_fn, g_loss=g_loss_fn,
                           autocast=functools.partial(_autocast, precision, device),
-                          channels_last=tc.channels_last, nonfinite=tc.nonfinite)
+                          channels_last=tc.channels_last, nonfinite=tc.nonfinite,
+                          class_weight=tc.aux_loss_weight if config.model.aux_classifier
+                          else 0.0)
     return gan, options, generator_ema
 
 

@@ -71,7 +71,8 @@ def first_step(rank: int, world_size: int, port: int, out: Path) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
-    gan = tiny_gan(seed=0)
+    # With the auxiliary classifier: its head and its keyword pass through DDP too.
+    gan = tiny_gan(seed=0, aux_classifier=True)
     # Per-rank batch statistics are the one intended difference between the two set-ups
     # (sync_batchnorm removes it on GPUs); running statistics make G per-sample here.
     for module in gan.generator.modules():
@@ -86,7 +87,7 @@ def first_step(rank: int, world_size: int, port: int, out: Path) -> None:
     data = make_image_set(GLOBAL_BATCH, num_classes=10)
     real = (data.images.float() / 127.5 - 1)[rank * per_rank:(rank + 1) * per_rank]
     labels = data.labels[rank * per_rank:(rank + 1) * per_rank]
-    options = StepOptions(d_loss=d_hinge_loss, g_loss=g_hinge_loss)
+    options = StepOptions(d_loss=d_hinge_loss, g_loss=g_hinge_loss, class_weight=0.5)
     discriminator_step(gan, options, real, labels, *latents.draw(), step=0)
     generator_step(gan, options, *latents.draw(), step=0)
     if rank == 0:
@@ -106,6 +107,7 @@ def test_two_ranks_with_half_batches_match_one_rank(tmp_path):
     one = torch.load(tmp_path / "one.pt", weights_only=True)
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert one["grads"].keys() == two["grads"].keys()
+    assert one["grads"]["D.classifier.parametrizations.weight.original"].abs().sum() > 0
     for name, grad in one["grads"].items():
         # Summation order differs (one batch of 8 against two of 4 averaged): allow float
         # round-off relative to the gradient's scale.

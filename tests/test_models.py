@@ -227,3 +227,23 @@ def test_count_parameters_ignores_spectral_norm_buffers():
     layer = sn_linear(3, 4)
     assert count_parameters(layer) == 3 * 4 + 4
     assert count_parameters(nn.ModuleList([layer, nn.Linear(2, 1)])) == 16 + 3
+
+
+def test_auxiliary_classifier_reads_the_pooled_features_and_leaves_the_logits_alone():
+    torch.manual_seed(0)
+    plain = Discriminator(32, 5, base_channels=BASE, attention="external").eval()
+    torch.manual_seed(0)
+    with_head = Discriminator(32, 5, base_channels=BASE, attention="external",
+                              aux_classifier=True).eval()
+    # The head's weights come last in the orthogonal init: everything else is the same.
+    with_head.load_state_dict(plain.state_dict(), strict=False)
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 2, 4])
+    logits, class_logits = with_head(images, labels, classify=True)
+    assert class_logits.shape == (3, 5)
+    torch.testing.assert_close(logits, plain(images, labels))
+    torch.testing.assert_close(with_head(images, labels), logits)
+    assert count_parameters(with_head) - count_parameters(plain) == BASE * 2 * 5 + 5
+    with pytest.raises(ValueError, match="aux_classifier"):
+        plain(images, labels, classify=True)
+    with pytest.raises(ValueError, match="needs classes"):
+        Discriminator(32, 0, base_channels=BASE, aux_classifier=True)

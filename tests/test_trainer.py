@@ -1,9 +1,11 @@
 import contextlib
+import copy
 import functools
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from eagan import checkpoint as ckpt
 from eagan.config import load_config
@@ -14,10 +16,12 @@ from eagan.trainer import (GANModules, NonFiniteLoss, StepOptions, discriminator
                            generator_step, resolve_precision, train)
 
 
-def tiny_gan(attention: str = "external", seed: int = 0) -> GANModules:
+def tiny_gan(attention: str = "external", seed: int = 0, aux_classifier: bool = False
+             ) -> GANModules:
     torch.manual_seed(seed)
     generator = Generator(32, 10, z_dim=16, base_channels=4, attention=attention, memory_size=8)
-    discriminator = Discriminator(32, 10, base_channels=4, attention=attention, memory_size=8)
+    discriminator = Discriminator(32, 10, base_channels=4, attention=attention, memory_size=8,
+                                  aux_classifier=aux_classifier)
     for block in (generator.attention, discriminator.attention):
         block.gamma.data.fill_(0.5)  # so the attention weights take part in every update
     opt_g = torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999), eps=1e-6)
@@ -75,6 +79,54 @@ def test_generator_step_leaves_discriminator_weights_unchanged():
     assert g_parameters == g_parameters & set(changed(g_before, gan.generator))
 
 
+AUX_WEIGHT = 0.7
+
+
+def test_discriminator_step_with_classifier_adds_its_cross_entropy_on_real_images():
+    gan = tiny_gan(aux_classifier=True)
+    real, labels, z, fake_labels = batch()
+    d_copy = copy.deepcopy(gan.discriminator)
+    with torch.no_grad():  # G's output as the step sees it (batch statistics, same SN state)
+        fake = copy.deepcopy(gan.generator)(z, fake_labels)
+        logits, class_logits = d_copy(torch.cat([real, fake]), torch.cat([labels, fake_labels]),
+                                      classify=True)
+    expected_class = F.cross_entropy(class_logits[:4], labels)
+    expected = d_hinge_loss(*logits.split(4))[0] + AUX_WEIGHT * expected_class
+    head_before = gan.discriminator.classifier.parametrizations.weight.original.clone()
+
+    options = StepOptions(d_loss=d_hinge_loss, g_loss=g_hinge_loss, class_weight=AUX_WEIGHT)
+    loss, _, _, loss_class = discriminator_step(gan, options, real, labels, z, fake_labels, 0)
+    torch.testing.assert_close(loss_class, expected_class)
+    torch.testing.assert_close(loss, expected)
+    assert not torch.equal(head_before,
+                           gan.discriminator.classifier.parametrizations.weight.original)
+
+
+def test_generator_step_with_classifier_asks_d_to_recognise_the_requested_class():
+    gan = tiny_gan(aux_classifier=True)
+    _, _, z, fake_labels = batch()
+    with torch.no_grad():
+        fake = copy.deepcopy(gan.generator)(z, fake_labels)
+        logits, class_logits = copy.deepcopy(gan.discriminator)(fake, fake_labels,
+                                                                 classify=True)
+    expected_class = F.cross_entropy(class_logits, fake_labels)
+    d_before = snapshot(gan.discriminator)
+
+    options = StepOptions(d_loss=d_hinge_loss, g_loss=g_hinge_loss, class_weight=AUX_WEIGHT)
+    loss, loss_class = generator_step(gan, options, z, fake_labels, step=0)
+    torch.testing.assert_close(loss_class, expected_class)
+    torch.testing.assert_close(loss, g_hinge_loss(logits) + AUX_WEIGHT * expected_class)
+    d_parameters = {name for name, _ in gan.discriminator.named_parameters()}
+    assert not d_parameters & set(changed(d_before, gan.discriminator))
+
+
+def test_steps_without_classifier_report_zero_classifier_loss():
+    gan = tiny_gan()
+    real, labels, z, fake_labels = batch()
+    assert discriminator_step(gan, OPTIONS, real, labels, z, fake_labels, 0)[3].item() == 0
+    assert generator_step(gan, OPTIONS, z, fake_labels, 0)[1].item() == 0
+
+
 def test_bf16_autocast_steps_stay_finite_and_close_to_float32():
     results = {}
     for precision in ("fp32", "bf16"):
@@ -84,8 +136,8 @@ def test_bf16_autocast_steps_stay_finite_and_close_to_float32():
         options = StepOptions(d_loss=d_hinge_loss, g_loss=g_hinge_loss, autocast=autocast)
         real, labels, z, fake_labels = batch()
         d_losses = discriminator_step(gan, options, real, labels, z, fake_labels, step=0)
-        g_loss = generator_step(gan, options, z, fake_labels, step=0)
-        results[precision] = torch.stack([*d_losses, g_loss])
+        g_losses = generator_step(gan, options, z, fake_labels, step=0)
+        results[precision] = torch.stack([*d_losses, *g_losses])
         assert all(torch.isfinite(p).all() for p in gan.generator.parameters())
         assert gan.generator.attention.memory_key.parametrizations.weight.original.dtype == \
             torch.float32
@@ -111,9 +163,26 @@ def test_training_writes_checkpoints_logs_and_grids(tiny_config_path):
     assert [line["step"] for line in lines] == [2, 4]
     assert {"Loss/D/real", "Loss/D/fake", "Loss/G/total", "Timing/steps_per_sec",
             "Attention/gamma/G/attention", "Progress/lr_g"} <= set(lines[0])
+    assert not any("classifier" in key for key in lines[0])
     assert (run_dir / "config.yaml").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_training_with_auxiliary_classifier_logs_and_checkpoints_it(tmp_path,
+                                                                    tiny_config_path):
+    config = load_config(tiny_config_path, [f"run_dir={tmp_path / 'ac'}",
+                                            "model.aux_classifier=true",
+                                            "train.aux_loss_weight=0.5"])
+    run_dir = train(config, show_progress=False).run_dir
+    lines = read_jsonl(run_dir / "stats.jsonl")
+    for line in lines:
+        assert line["Loss/D/classifier"] > 0 and line["Loss/G/classifier"] > 0
+        assert line["Loss/D/total"] == pytest.approx(
+            line["Loss/D/real"] + line["Loss/D/fake"] + 0.5 * line["Loss/D/classifier"],
+            rel=1e-5)
+    payload = ckpt.load_checkpoint(ckpt.step_path(run_dir, 4))
+    assert "classifier.parametrizations.weight.original" in payload["discriminator"]
 
 
 def test_resume_is_bitwise_exact(tmp_path, tiny_config_path):
