@@ -269,8 +269,7 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
 
     # ---- The loop -----------------------------------------------------------------------------
     stop_request = _StopRequest()
-    # Sums of the losses: D real, D fake, D classifier, D total, G classifier, G total.
-    running = torch.zeros(len(LOSS_NAMES), device=device)
+    running = torch.zeros(len(LOSS_NAMES), device=device)  # loss sums since the last log tick
     running_count, tick_start, tick_step = 0, time.perf_counter(), start_step
     step = start_step
     with contextlib.ExitStack() as cleanup:
