@@ -278,7 +278,7 @@ def test_same_seed_same_run(tmp_path, tiny_config_path):
 def test_compiled_first_step_matches_eager(tmp_path, tiny_config_path, monkeypatch):
     # Dynamo tracing and AOT autograd, where our modules meet the compiler (parametrizations,
     # in-place power-iteration updates, autocast regions); inductor's C++ code generation
-    # would add minutes on 2 cores and is exercised by benchmarks/train_throughput.py.
+    # would add minutes on 2 cores; benchmarks/compile_agreement.py checks it the same way.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     steps = ["train.total_steps=1", "train.n_dis=1", "train.checkpoint_every=1"]
     results = {}
