@@ -61,13 +61,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.per_class < 2:
+        parser.error("--per-class must be at least 2 (the spread is a standard deviation)")
+    return args
 
 
 def to_native(images_uint8: Tensor) -> np.ndarray:
-    """uint8 (N, 3, 32, 32) -> float (N, 64) in [0, 1]: grey, average-pooled to 8x8."""
+    """uint8 (N, 3, H, W) -> float (N, 64) in [0, 1]: grey, average-pooled to 8x8."""
     grey = images_uint8.float().mean(dim=1, keepdim=True) / 255
-    pooled = F.avg_pool2d(grey, DEMO_IMAGE_SIZE // NATIVE_SIZE)  # (N, 1, 8, 8)
+    pooled = F.adaptive_avg_pool2d(grey, NATIVE_SIZE)  # (N, 1, 8, 8)
     return pooled.flatten(1).numpy()
 
 
