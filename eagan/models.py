@@ -145,7 +145,11 @@ class DiscriminatorInputBlock(nn.Module):
 
 class DiscriminatorBlock(nn.Module):
     """ReLU -> conv3x3 -> ReLU -> conv3x3 -> [avgpool]; the shortcut is a 1x1 conv -> [avgpool]
-    only when the block downsamples or changes the width, the identity otherwise."""
+    only when the block downsamples or changes the width, the identity otherwise.
+
+    Both paths start from ReLU(x), as in StudioGAN's DiscBlock (src/models/resnet.py, commit
+    8a03c51): its in-place ReLU rewrote the storage its shortcut had kept a reference to.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, downsample: bool) -> None:
         super().__init__()
@@ -156,7 +160,8 @@ class DiscriminatorBlock(nn.Module):
         self.pool = nn.AvgPool2d(2) if downsample else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.pool(self.conv2(F.relu(self.conv1(F.relu(x)))))  # (B, C_out, H', W')
+        x = F.relu(x)
+        h = self.pool(self.conv2(F.relu(self.conv1(x))))  # (B, C_out, H', W')
         return h + self.pool(self.shortcut(x))
 
 

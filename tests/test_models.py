@@ -5,7 +5,8 @@ from torch.nn.utils import parametrize
 
 from eagan.attention import ATTENTION_KINDS
 from eagan.layers import WEIGHT_LAYERS, raw_weight, sn_linear
-from eagan.models import Discriminator, Generator, attention_gammas, count_parameters
+from eagan.models import (Discriminator, DiscriminatorBlock, Generator, attention_gammas,
+                          count_parameters)
 
 # Smallest width where every attention kind fits everywhere: self-attention needs channels
 # divisible by 8 and the 64/128 px discriminators attend after a block of base_channels.
@@ -247,3 +248,27 @@ def test_auxiliary_classifier_reads_the_pooled_features_and_leaves_the_logits_al
         plain(images, labels, classify=True)
     with pytest.raises(ValueError, match="needs classes"):
         Discriminator(32, 0, base_channels=BASE, aux_classifier=True)
+
+
+class _Zero(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("in_channels, out_channels, downsample", [
+    (4, 4, False),   # identity shortcut
+    (4, 4, True),    # 1x1 shortcut, pooled
+])
+def test_discriminator_block_shortcut_sees_relu_of_its_input(in_channels, out_channels,
+                                                              downsample):
+    # StudioGAN's DiscBlock applies an in-place ReLU to x after keeping x0 = x, so its shortcut
+    # receives ReLU(x). With the residual path zeroed and the shortcut the identity, a block is
+    # then ReLU followed by the optional pooling: negative inputs map to 0.
+    block = DiscriminatorBlock(in_channels, out_channels, downsample)
+    block.conv2 = _Zero()
+    block.shortcut = nn.Identity()
+    x = torch.tensor([-2.0, -0.5, 0.25, 3.0]).repeat(1, in_channels, 4, 1)  # (1, C, 4, 4)
+    expected = x.clamp(min=0)
+    if downsample:
+        expected = nn.functional.avg_pool2d(expected, 2)
+    torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
