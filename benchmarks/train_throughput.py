@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
@@ -32,7 +32,7 @@ from eagan.distributed import DistContext, resolve_device  # noqa: E402
 from eagan.errors import UserError  # noqa: E402
 from eagan.models import count_parameters  # noqa: E402
 from eagan.tracking import Tracker  # noqa: E402
-from eagan.trainer import (LOSS_NAMES, GANModules, LatentSampler, StepOptions,  # noqa: E402
+from eagan.trainer import (GANModules, LatentSampler, LossMeans, StepOptions,  # noqa: E402
                            build_gan, check_finite, discriminator_step, generator_step,
                            open_training_data, resolve_precision, tick_statistics,
                            update_ema)
@@ -165,8 +165,8 @@ def run_steps(setup: Setup, config: Config, first_step: int, count: int,
     tc, gan, options = config.train, setup.gan, setup.options
     device = setup.latents.device
     clock = clock or PhaseClock(device, enabled=False)
-    running = torch.zeros(len(LOSS_NAMES), device=device)  # the trainer's loss sums
-    running_count, step, last_step = 0, first_step, first_step + count
+    loss_means = LossMeans()
+    step, last_step = first_step, first_step + count
     iteration_times, tick_times = [], []
     while step < last_step:
         clock.start()
@@ -176,40 +176,30 @@ def run_steps(setup: Setup, config: Config, first_step: int, count: int,
             real, real_labels = setup.batches.next()
             z, fake_labels = setup.latents.draw()
             iteration += clock.lap("data")
-            loss_d, loss_real, loss_fake, class_d = discriminator_step(
-                gan, options, real, real_labels if setup.num_classes else None, z,
-                fake_labels, step)
+            losses_d = discriminator_step(gan, options, real,
+                                          real_labels if setup.num_classes else None, z,
+                                          fake_labels, step)
             iteration += clock.lap("d_step")
-            d_bad |= ~torch.isfinite(loss_d)
+            d_bad |= ~torch.isfinite(losses_d["Loss/D/total"])
+            loss_means.add(losses_d)
             iteration += clock.lap("bookkeeping")
         z, fake_labels = setup.latents.draw()
         iteration += clock.lap("data")
-        loss_g, class_g = generator_step(gan, options, z, fake_labels, step)
+        losses_g = generator_step(gan, options, z, fake_labels, step)
         iteration += clock.lap("g_step")
+        loss_means.add(losses_g)
         step += 1
         if tc.nonfinite == "stop":
-            check_finite(step, d_bad, loss_g, Path(tracker.writer.log_dir))
+            check_finite(step, d_bad, losses_g["Loss/G/total"], Path(tracker.writer.log_dir))
         if setup.generator_ema is not None:
             decay = tc.ema_decay if step > tc.ema_start_step else 0.0
             update_ema(setup.generator_ema, gan.generator, decay)
-        running += torch.stack([loss_real, loss_fake, class_d, loss_d, class_g,
-                                loss_g]).float()
-        running_count += 1
         progress.update(1)
         iteration_times.append(iteration + clock.lap("bookkeeping"))
         if step % tc.log_every == 0 or step == last_step:
-            log_tick(setup, tracker, step, running, running_count)
-            running.zero_()
-            running_count = 0
+            tracker.scalars(step, tick_statistics(gan, loss_means.pop(), 0.0))
             tick_times.append(clock.lap("logging"))
     return iteration_times, tick_times
-
-
-def log_tick(setup: Setup, tracker: Tracker, step: int, running: Tensor,
-             running_count: int) -> None:
-    """The statistics the trainer gathers and writes at a log tick."""
-    tracker.scalars(step, tick_statistics(setup.gan, running / running_count, 0.0,
-                                          classifier=bool(setup.options.class_weight)))
 
 
 def measure(config: Config, config_path: Path, device: torch.device, steps: int,

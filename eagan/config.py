@@ -16,13 +16,12 @@ from typing import Any
 
 import yaml
 
+from eagan.attention import ATTENTION_KINDS
 from eagan.errors import UserError
+from eagan.losses import LOSSES
+from eagan.models import TOPOLOGIES
 
 DATASETS = ("cifar10", "tiny_imagenet", "folder", "digits")
-IMAGE_SIZES = (32, 64, 128)
-# Generator and discriminator block counts per resolution (reference section 3).
-G_BLOCKS = {32: 3, 64: 4, 128: 5}
-D_BLOCKS = {32: 4, 64: 5, 128: 6}
 
 
 def option(default: Any, *, choices: tuple | None = None, min: float | None = None,
@@ -38,7 +37,7 @@ def option(default: Any, *, choices: tuple | None = None, min: float | None = No
 class DataConfig:
     dataset: str = option("cifar10", choices=DATASETS)
     root: str = "data"
-    image_size: int = option(32, choices=IMAGE_SIZES)
+    image_size: int = option(32, choices=tuple(TOPOLOGIES))
     hflip: bool = True
     resize: bool = True  # false: an image of another size than image_size is an error
     download: bool = True  # fetch CIFAR-10 when it is absent and the machine is online
@@ -48,7 +47,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    attention: str = option("external", choices=("none", "self", "external", "efficient"))
+    attention: str = option("external", choices=ATTENTION_KINDS)
     memory_size: int = option(64, positive=True)  # S, the external memory units
     heads: int = option(1, positive=True)
     z_dim: int = option(128, positive=True)
@@ -71,7 +70,7 @@ class TrainConfig:
     beta2: float = option(0.999, min=0.0, max=1.0)
     adam_eps: float = option(1e-6, positive=True)
     n_dis: int = option(5, positive=True)  # discriminator updates per generator update
-    loss: str = option("hinge", choices=("hinge", "nonsaturating", "wasserstein"))
+    loss: str = option("hinge", choices=tuple(LOSSES))
     aux_loss_weight: float = option(1.0, positive=True)  # with model.aux_classifier
     ema_decay: float = option(0.0, min=0.0, max=1.0)  # 0 keeps no EMA generator
     ema_start_step: int = option(0, min=0)
@@ -274,11 +273,12 @@ def _coerce(value: Any, base: type, source: str, key: str, optional: bool) -> An
 def _check_consistency(config: Config, source: str) -> None:
     """Constraints between keys that no single field can express."""
     size = config.data.image_size
-    for net, key, blocks in (("G", "g_attention_after", G_BLOCKS), ("D", "d_attention_after",
-                                                                   D_BLOCKS)):
+    topology = TOPOLOGIES[size]
+    for net, key, blocks in (("G", "g_attention_after", len(topology.g_out)),
+                             ("D", "d_attention_after", len(topology.d_out))):
         after = getattr(config.model, key)
-        if after is not None and after > blocks[size]:
-            raise UserError(f"{source}: model.{key}: the {size}-px {net} has {blocks[size]} "
+        if after is not None and after > blocks:
+            raise UserError(f"{source}: model.{key}: the {size}-px {net} has {blocks} "
                             f"blocks, got {after}")
     if config.model.attention == "self" and config.model.heads != 1:
         raise UserError(f"{source}: model.heads: self-attention has a single head, "

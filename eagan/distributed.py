@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,3 +72,12 @@ def broadcast_flag(context: DistContext, flag: bool) -> bool:
     value = torch.tensor([int(flag)], device=context.device)
     dist.broadcast(value, src=0)
     return bool(value.item())
+
+
+def gather_to_main(context: DistContext, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on rank 0, as a list indexed by rank; other ranks get []."""
+    if not context.enabled:
+        return [obj]
+    gathered = [None] * context.world_size if context.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered if context.is_main else []

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
-# StudioGAN's SAGAN recipe: eps 1e-6, one power iteration per step (reference section 2).
+# StudioGAN's SAGAN recipe: eps 1e-6, one power iteration per step (src/utils/model_ops.py
+# snconv2d/snlinear/sn_embedding, spectral_norm(..., eps=1e-6) with its default one iteration).
 SN_EPS = 1e-6
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)

@@ -39,9 +39,6 @@ from eagan.tracking import Tracker
 from eagan.visualize import attention_figure
 
 GRID_PER_ROW = 8
-# The losses summed every step and logged as their means per tick, in this order.
-LOSS_NAMES = ("Loss/D/real", "Loss/D/fake", "Loss/D/classifier", "Loss/D/total",
-              "Loss/G/classifier", "Loss/G/total")
 # Keys a resumed run may change: how long to train, how often to log, and evaluation.
 RESUMABLE_KEYS = ("train.total_steps", "train.log_every", "train.sample_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.device",
@@ -94,9 +91,9 @@ class StepOptions:
 
 def discriminator_step(gan: GANModules, options: StepOptions, real: Tensor,
                        real_labels: Tensor | None, z: Tensor, fake_labels: Tensor | None,
-                       step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One D update on a real batch and G(z): returns (loss, loss on real, loss on fake,
-    classifier loss on real), the last 0 without an auxiliary classifier."""
+                       step: int) -> dict[str, Tensor]:
+    """One D update on a real batch and G(z); returns its detached losses by logged name:
+    on real, on fake, the total and, with an auxiliary classifier, its loss on real."""
     with options.autocast():
         with torch.no_grad():
             fake = gan.g_forward(z, fake_labels)
@@ -104,39 +101,68 @@ def discriminator_step(gan: GANModules, options: StepOptions, real: Tensor,
         # single forward per backward.
         both = options.layout(torch.cat([real, fake.to(real.dtype)]))
         both_labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
-        loss_class = torch.zeros((), device=real.device)
         if options.class_weight:
             logits, class_logits = gan.d_update(both, both_labels, classify=True)
-            # The classifier learns from real images only: early fakes carry no class yet.
-            loss_class = F.cross_entropy(class_logits[:len(real)].float(), real_labels)
         else:
             logits = gan.d_update(both, both_labels)
         loss, loss_real, loss_fake = options.d_loss(*logits.float().split(len(real)))
-        loss = loss + options.class_weight * loss_class
+        losses = {"Loss/D/real": loss_real, "Loss/D/fake": loss_fake}
+        if options.class_weight:
+            # The classifier learns from real images only: early fakes carry no class yet.
+            losses["Loss/D/classifier"] = F.cross_entropy(class_logits[:len(real)].float(),
+                                                          real_labels)
+            loss = loss + options.class_weight * losses["Loss/D/classifier"]
+        losses["Loss/D/total"] = loss
     _apply_update(gan.opt_d, gan.scaler_d, loss, options.nonfinite, step, "discriminator")
-    return loss.detach(), loss_real.detach(), loss_fake.detach(), loss_class.detach()
+    return {name: value.detach() for name, value in losses.items()}
 
 
 def generator_step(gan: GANModules, options: StepOptions, z: Tensor,
-                   fake_labels: Tensor | None, step: int) -> tuple[Tensor, Tensor]:
-    """One G update against a frozen D: returns (loss, classifier loss), the latter the
-    cross-entropy of D's auxiliary classifier on G(z) against the requested labels (0 without
-    one)."""
+                   fake_labels: Tensor | None, step: int) -> dict[str, Tensor]:
+    """One G update against a frozen D; returns its detached losses by logged name: the total
+    and, with an auxiliary classifier, the cross-entropy of D's classifier on G(z) against the
+    requested labels."""
     gan.discriminator.requires_grad_(False)
     try:
         with options.autocast():
             fake = options.layout(gan.g_update(z, fake_labels))
-            loss_class = torch.zeros((), device=z.device)
+            losses = {}
             if options.class_weight:
                 logits, class_logits = gan.d_forward(fake, fake_labels, classify=True)
-                loss_class = F.cross_entropy(class_logits.float(), fake_labels)
+                losses["Loss/G/classifier"] = F.cross_entropy(class_logits.float(), fake_labels)
             else:
                 logits = gan.d_forward(fake, fake_labels)
-            loss = options.g_loss(logits.float()) + options.class_weight * loss_class
+            loss = options.g_loss(logits.float())
+            if options.class_weight:
+                loss = loss + options.class_weight * losses["Loss/G/classifier"]
+            losses["Loss/G/total"] = loss
         _apply_update(gan.opt_g, gan.scaler_g, loss, options.nonfinite, step, "generator")
     finally:
         gan.discriminator.requires_grad_(True)
-    return loss.detach(), loss_class.detach()
+    return {name: value.detach() for name, value in losses.items()}
+
+
+class LossMeans:
+    """Named losses summed on the device between log ticks (no sync per step); ``pop`` returns
+    each name's mean over the updates that reported it, with one sync, and starts afresh. D
+    reports n_dis times per step, so its means cover every D update of the tick."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, losses: dict[str, Tensor]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums[name] + value.float() if name in self.sums \
+                else value.float()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        names = list(self.sums)
+        sums = torch.stack([self.sums[name] for name in names]).tolist() if names else []
+        means = {name: total / self.counts[name] for name, total in zip(names, sums)}
+        self.sums, self.counts = {}, {}
+        return means
 
 
 class LatentSampler:
@@ -202,6 +228,10 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     # ---- Networks, optimizers, latents -------------------------------------------------------
     gan, options, generator_ema = build_gan(config, num_classes, context)
     generator, discriminator = gan.generator, gan.discriminator
+    # The generator that evaluation scores: the EMA copy when there is one and eval.use_ema
+    # asks for it (as --eval decides from a checkpoint), else the trained one.
+    evaluated = generator_ema if generator_ema is not None and config.eval.use_ema \
+        else generator
     latents = LatentSampler(config.model.z_dim, num_classes, per_rank_batch, context,
                             seed=tc.seed + 1)
     # Fixed latents for the sample grids: the same images to watch from the first step on.
@@ -212,22 +242,16 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
                           generator=torch.Generator().manual_seed(tc.seed + 2)).to(device)
 
     # ---- Resume -------------------------------------------------------------------------------
+    # Everything a checkpoint restores besides the per-rank data order and RNGs.
+    state = ckpt.TrainingState(
+        generator=generator, discriminator=discriminator, generator_ema=generator_ema,
+        optimizer_g=gan.opt_g, optimizer_d=gan.opt_d, scaler_g=gan.scaler_g,
+        scaler_d=gan.scaler_d, latents=latents, data_order=batches)
     start_step, best_fid = 0, None
     if resume_from is not None:
         payload = ckpt.load_checkpoint(resume_from, map_location=device)
         _check_resumable(payload["config"], to_dict(config), resume_from)
-        ckpt.load_weights(generator, payload["generator"], resume_from, "generator")
-        ckpt.load_weights(discriminator, payload["discriminator"], resume_from, "discriminator")
-        if generator_ema is not None:
-            ckpt.load_weights(generator_ema, payload["generator_ema"], resume_from,
-                              "EMA generator")
-        gan.opt_g.load_state_dict(payload["optimizer_g"])
-        gan.opt_d.load_state_dict(payload["optimizer_d"])
-        gan.scaler_g.load_state_dict(payload["scaler_g"])
-        gan.scaler_d.load_state_dict(payload["scaler_d"])
-        batches.load_state_dict(payload["data_order"][context.rank])
-        latents.load_state_dict(payload["latents"])
-        _restore_rng(payload["rng"][context.rank])
+        ckpt.restore_training_state(payload, resume_from, state, context)
         fixed_z = payload["fixed_z"].to(device)
         start_step, best_fid = payload["step"], payload.get("best_fid")
 
@@ -237,21 +261,10 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
 
     # ---- Checkpoints --------------------------------------------------------------------------
     def save(step: int, path: Path) -> None:
-        rng_states = _gather_objects(context, _rng_state())
-        data_states = _gather_objects(context, batches.state_dict())
-        if not context.is_main:
-            return
-        payload = {
-            "format": ckpt.FORMAT, "step": step, "config": to_dict(config),
-            "num_classes": num_classes, "class_names": list(dataset.class_names),
-            "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-            "generator_ema": None if generator_ema is None else generator_ema.state_dict(),
-            "optimizer_g": gan.opt_g.state_dict(), "optimizer_d": gan.opt_d.state_dict(),
-            "scaler_g": gan.scaler_g.state_dict(), "scaler_d": gan.scaler_d.state_dict(),
-            "data_order": data_states, "latents": latents.state_dict(), "rng": rng_states,
-            "fixed_z": fixed_z.cpu(), "best_fid": best_fid,
-        }
-        ckpt.save_checkpoint(payload, path)
+        ckpt.save_training_state(path, state, context, step=step, config=to_dict(config),
+                                 num_classes=num_classes,
+                                 class_names=list(dataset.class_names),
+                                 fixed_z=fixed_z.cpu(), best_fid=best_fid)
 
     # ---- Logging ------------------------------------------------------------------------------
     tracker = Tracker(run_dir, truncate_after=start_step) if context.is_main else None
@@ -269,8 +282,8 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
 
     # ---- The loop -----------------------------------------------------------------------------
     stop_request = _StopRequest()
-    running = torch.zeros(len(LOSS_NAMES), device=device)  # loss sums since the last log tick
-    running_count, tick_start, tick_step = 0, time.perf_counter(), start_step
+    loss_means = LossMeans()
+    tick_start, tick_step = time.perf_counter(), start_step
     step = start_step
     with contextlib.ExitStack() as cleanup:
         cleanup.enter_context(stop_request)
@@ -283,42 +296,39 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             for _ in range(tc.n_dis):
                 real, real_labels = batches.next()
                 z, fake_labels = latents.draw()
-                loss_d, loss_real, loss_fake, class_d = discriminator_step(
-                    gan, options, real, real_labels if num_classes else None, z, fake_labels,
-                    step)
-                d_bad |= ~torch.isfinite(loss_d)
+                losses_d = discriminator_step(gan, options, real,
+                                              real_labels if num_classes else None, z,
+                                              fake_labels, step)
+                d_bad |= ~torch.isfinite(losses_d["Loss/D/total"])
+                loss_means.add(losses_d)
 
             # -- Generator update, with D's weights frozen.
             z, fake_labels = latents.draw()
-            loss_g, class_g = generator_step(gan, options, z, fake_labels, step)
+            losses_g = generator_step(gan, options, z, fake_labels, step)
+            loss_means.add(losses_g)
             step += 1
 
             # -- Non-finite losses: stop (the default) before anything is saved.
             if tc.nonfinite == "stop":
-                check_finite(step, d_bad, loss_g, run_dir)
+                check_finite(step, d_bad, losses_g["Loss/G/total"], run_dir)
 
             # -- EMA of the generator's weights.
             if generator_ema is not None:
                 decay = tc.ema_decay if step > tc.ema_start_step else 0.0
                 update_ema(generator_ema, generator, decay)
 
-            running += torch.stack([loss_real, loss_fake, class_d, loss_d, class_g,
-                                    loss_g]).float()
-            running_count += 1
             progress.update(1)
 
             # -- Maintenance: logs, grids, evaluation, checkpoints.
             if step % tc.log_every == 0 or step == tc.total_steps:
                 now = time.perf_counter()
-                stats = tick_statistics(gan, running / running_count,
-                                        (step - tick_step) / max(now - tick_start, 1e-9),
-                                        classifier=bool(options.class_weight))
+                stats = tick_statistics(gan, loss_means.pop(),
+                                        (step - tick_step) / max(now - tick_start, 1e-9))
                 if tracker is not None:
                     tracker.scalars(step, stats)
                 progress.set_postfix(d=f"{stats['Loss/D/total']:.3f}",
                                      g=f"{stats['Loss/G/total']:.3f}")
-                running.zero_()
-                running_count, tick_start, tick_step = 0, now, step
+                tick_start, tick_step = now, step
 
             if tracker is not None and (step % tc.sample_every == 0 or step == tc.total_steps):
                 sampler = generator_ema if generator_ema is not None else generator
@@ -330,8 +340,7 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             if evaluate is not None and config.eval.every and (
                     step % config.eval.every == 0 or step == tc.total_steps):
                 improved = False
-                results = evaluate(generator_ema if generator_ema is not None else generator,
-                                   step, context.rank, context.world_size)
+                results = evaluate(evaluated, step, context.rank, context.world_size)
                 if context.is_main:
                     tracker.scalars(step, {"Metrics/fid": results["fid"],
                                            "Metrics/is_mean": results["is_mean"],
@@ -367,12 +376,11 @@ def check_finite(step: int, d_bad: Tensor, loss_g: Tensor, run_dir: Path) -> Non
                             f"good checkpoint is kept in {run_dir}")
 
 
-def tick_statistics(gan: GANModules, mean_losses: Tensor, steps_per_sec: float,
-                    classifier: bool = False) -> dict[str, float]:
-    """The scalars logged once per tick; ``mean_losses`` holds the losses of LOSS_NAMES, whose
-    classifier entries are logged only with an auxiliary ``classifier``."""
-    stats = {name: value for name, value in zip(LOSS_NAMES, mean_losses.tolist())
-             if classifier or not name.endswith("/classifier")}
+def tick_statistics(gan: GANModules, mean_losses: dict[str, float],
+                    steps_per_sec: float) -> dict[str, float]:
+    """The scalars logged once per tick: the mean losses (LossMeans.pop), learning rates,
+    speed, every attention gate and the peak GPU memory."""
+    stats = dict(mean_losses)
     stats.update({
         "Progress/lr_g": gan.opt_g.param_groups[0]["lr"],
         "Progress/lr_d": gan.opt_d.param_groups[0]["lr"],
@@ -381,7 +389,7 @@ def tick_statistics(gan: GANModules, mean_losses: Tensor, steps_per_sec: float,
     for prefix, network in (("G", gan.generator), ("D", gan.discriminator)):
         stats.update({f"Attention/gamma/{prefix}/{name}": value
                       for name, value in attention_gammas(network).items()})
-    device = mean_losses.device
+    device = next(gan.generator.parameters()).device
     if device.type == "cuda":
         stats["Resources/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return stats
@@ -424,8 +432,9 @@ def build_gan(config: Config, num_classes: int, context: DistContext
         d_update = d_forward if d_update is discriminator else compile_(d_update)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    gan = GANModules(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, g_update,
-                     d_update, g_forward, d_forward)
+    gan = GANModules(generator=generator, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d,
+                     scaler_g=scaler_g, scaler_d=scaler_d, g_update=g_update, d_update=d_update,
+                     g_forward=g_forward, d_forward=d_forward)
     d_loss_fn, g_loss_fn = LOSSES[tc.loss]
     options = StepOptions(d_loss=d_loss_fn, g_loss=g_loss_fn,
                           autocast=functools.partial(_autocast, precision, device),
@@ -523,39 +532,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every global RNG, in types torch.load(weights_only=True) accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "cached_gaussian": cached},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["pos"], numpy_state["has_gauss"],
-                         numpy_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather_objects(context: DistContext, obj: Any) -> list[Any]:
-    """Every rank's ``obj`` on rank 0 (a list indexed by rank); other ranks get []."""
-    if not context.enabled:
-        return [obj]
-    gathered = [None] * context.world_size if context.is_main else None
-    torch.distributed.gather_object(obj, gathered, dst=0)
-    return gathered if context.is_main else []
 
 
 class _StopRequest:

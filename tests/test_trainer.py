@@ -2,6 +2,7 @@ import contextlib
 import copy
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,9 +96,9 @@ def test_discriminator_step_with_classifier_adds_its_cross_entropy_on_real_image
     head_before = gan.discriminator.classifier.parametrizations.weight.original.clone()
 
     options = StepOptions(d_loss=d_hinge_loss, g_loss=g_hinge_loss, class_weight=AUX_WEIGHT)
-    loss, _, _, loss_class = discriminator_step(gan, options, real, labels, z, fake_labels, 0)
-    torch.testing.assert_close(loss_class, expected_class)
-    torch.testing.assert_close(loss, expected)
+    losses = discriminator_step(gan, options, real, labels, z, fake_labels, 0)
+    torch.testing.assert_close(losses["Loss/D/classifier"], expected_class)
+    torch.testing.assert_close(losses["Loss/D/total"], expected)
     assert not torch.equal(head_before,
                            gan.discriminator.classifier.parametrizations.weight.original)
 
@@ -113,18 +114,20 @@ def test_generator_step_with_classifier_asks_d_to_recognise_the_requested_class(
     d_before = snapshot(gan.discriminator)
 
     options = StepOptions(d_loss=d_hinge_loss, g_loss=g_hinge_loss, class_weight=AUX_WEIGHT)
-    loss, loss_class = generator_step(gan, options, z, fake_labels, step=0)
-    torch.testing.assert_close(loss_class, expected_class)
-    torch.testing.assert_close(loss, g_hinge_loss(logits) + AUX_WEIGHT * expected_class)
+    losses = generator_step(gan, options, z, fake_labels, step=0)
+    torch.testing.assert_close(losses["Loss/G/classifier"], expected_class)
+    torch.testing.assert_close(losses["Loss/G/total"],
+                               g_hinge_loss(logits) + AUX_WEIGHT * expected_class)
     d_parameters = {name for name, _ in gan.discriminator.named_parameters()}
     assert not d_parameters & set(changed(d_before, gan.discriminator))
 
 
-def test_steps_without_classifier_report_zero_classifier_loss():
+def test_steps_name_their_losses_and_report_a_classifier_loss_only_with_a_classifier():
     gan = tiny_gan()
     real, labels, z, fake_labels = batch()
-    assert discriminator_step(gan, OPTIONS, real, labels, z, fake_labels, 0)[3].item() == 0
-    assert generator_step(gan, OPTIONS, z, fake_labels, 0)[1].item() == 0
+    assert set(discriminator_step(gan, OPTIONS, real, labels, z, fake_labels, 0)) == {
+        "Loss/D/real", "Loss/D/fake", "Loss/D/total"}
+    assert set(generator_step(gan, OPTIONS, z, fake_labels, 0)) == {"Loss/G/total"}
 
 
 def test_bf16_autocast_steps_stay_finite_and_close_to_float32():
@@ -137,7 +140,7 @@ def test_bf16_autocast_steps_stay_finite_and_close_to_float32():
         real, labels, z, fake_labels = batch()
         d_losses = discriminator_step(gan, options, real, labels, z, fake_labels, step=0)
         g_losses = generator_step(gan, options, z, fake_labels, step=0)
-        results[precision] = torch.stack([*d_losses, *g_losses])
+        results[precision] = torch.stack([*d_losses.values(), *g_losses.values()])
         assert all(torch.isfinite(p).all() for p in gan.generator.parameters())
         assert gan.generator.attention.memory_key.parametrizations.weight.original.dtype == \
             torch.float32
@@ -315,3 +318,41 @@ def test_speed_switches_train_on_cpu(tiny_config_path):
     weights = [value for value in payload["generator"].values() if value.is_floating_point()]
     assert all(torch.isfinite(value).all() for value in weights)
     assert all(value.dtype == torch.float32 for value in weights)  # autocast leaves weights fp32
+
+
+def test_logged_discriminator_losses_are_the_mean_over_every_d_update(tiny_config_path,
+                                                                      monkeypatch):
+    from eagan import trainer
+
+    reported = []
+
+    def recording_step(*args, **kwargs):
+        losses = discriminator_step(*args, **kwargs)
+        reported.append({name: value.item() for name, value in losses.items()})
+        return losses
+
+    monkeypatch.setattr(trainer, "discriminator_step", recording_step)
+    config = load_config(tiny_config_path, ["train.n_dis=3", "train.total_steps=2",
+                                            "train.log_every=2"])
+    train(config, show_progress=False)
+    assert len(reported) == 6
+    logged = read_jsonl(Path(config.run_dir) / "stats.jsonl")[-1]
+    for name in ("Loss/D/real", "Loss/D/fake", "Loss/D/total"):
+        values = [losses[name] for losses in reported]
+        assert logged[name] == pytest.approx(sum(values) / len(values), rel=1e-6)
+        assert logged[name] != pytest.approx(values[-1], rel=1e-6)  # not the last update's
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_training_evaluates_the_generator_eval_use_ema_names(tiny_config_path, use_ema):
+    evaluated = []
+
+    def evaluate(generator, step, rank, world_size):
+        # The EMA copy is the one G whose weights take no gradient.
+        evaluated.append(next(generator.parameters()).requires_grad)
+        return {"fid": 1.0, "is_mean": 1.0, "is_std": 0.0, "elapsed_s": 0.0}
+
+    config = load_config(tiny_config_path, ["train.ema_decay=0.9", "eval.every=2",
+                                            f"eval.use_ema={str(use_ema).lower()}"])
+    train(config, show_progress=False, evaluate=evaluate)
+    assert evaluated == [not use_ema, not use_ema]
