@@ -10,15 +10,11 @@ import sys
 
 import torch
 
-from eagan.attention import GatedAttention2d
 from eagan.checkpoint import resolve_checkpoint_arg
 from eagan.config import Config, load_config
 from eagan.distributed import resolve_device
 from eagan.errors import UserError
-from eagan.files import ensure_writable_dir
-from eagan.sampling import BN_MODES, class_grid_labels, grid_image, load_generator, save_png, \
-    write_npz
-from eagan.visualize import attention_figure
+from eagan.sampling import BN_MODES, write_samples
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -116,35 +112,11 @@ def _evaluate(config: Config, args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    """A class grid, N images as .npz and, on request, interpolation and attention figures."""
-    path = resolve_checkpoint_arg(args.ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sampler = load_generator(path, ema=not args.raw, device=device)
-    if args.attention and not isinstance(sampler.generator.attention, GatedAttention2d):
-        raise UserError(f"{path}: --attention: this generator has no attention block")
-    out_dir = ensure_writable_dir(args.out or "samples", "the output folder")
-    stem = f"{path.parent.name}-step{sampler.step}" + ("-ema" if sampler.is_ema else "")
-    per_row = 8
-    labels = class_grid_labels(sampler.num_classes, per_row, torch.device("cpu"))
-    count = len(labels) if labels is not None else per_row * per_row
-    images, _ = sampler.sample(count, labels=labels, seed=args.seed, bn=args.bn)
-    written = [out_dir / f"{stem}-grid.png"]
-    save_png(grid_image(images, per_row), written[-1])
-
-    images, labels = sampler.sample(args.num_samples or 1000, seed=args.seed, bn=args.bn)
-    written.append(out_dir / f"{stem}-samples.npz")
-    write_npz(images, labels, written[-1])
-    if args.interpolate:
-        written.append(out_dir / f"{stem}-interpolation.png")
-        save_png(grid_image(sampler.interpolate(rows=8, steps=per_row, seed=args.seed,
-                                                bn=args.bn), per_row), written[-1])
-    if args.attention:
-        rng = torch.Generator().manual_seed(args.seed)
-        z = torch.randn(per_row, sampler.generator.z_dim, generator=rng).to(device)
-        grid_labels = torch.randint(sampler.num_classes, (per_row,), generator=rng).to(device) \
-            if sampler.num_classes else None
-        written.append(out_dir / f"{stem}-attention.png")
-        save_png(attention_figure(sampler.generator, z, grid_labels), written[-1])
+    written = write_samples(resolve_checkpoint_arg(args.ckpt), args.out or "samples",
+                            ema=not args.raw, num_samples=args.num_samples or 1000,
+                            seed=args.seed, bn=args.bn, interpolate=args.interpolate,
+                            attention=args.attention, device=device)
     for output in written:
         print(output)
     return 0

@@ -15,8 +15,9 @@ from torchvision.utils import make_grid
 
 from eagan.checkpoint import load_checkpoint, load_weights
 from eagan.config import Config, config_from_dict
+from eagan.errors import UserError
 from eagan.factory import build_generator
-from eagan.files import atomic_output
+from eagan.files import atomic_output, ensure_writable_dir
 
 BN_MODES = ("batch", "running")
 GRID_MAX_CLASS_ROWS = 10  # Tiny-ImageNet's 200 classes would make a 200-row grid
@@ -161,3 +162,44 @@ def write_npz(images: Tensor, labels: Tensor | None, path: Path) -> None:
     with atomic_output(path) as tmp_path:
         with open(tmp_path, "wb") as handle:
             np.savez(handle, **arrays)
+
+
+def write_samples(path: Path, out_dir: str | Path, *, ema: bool = True, num_samples: int = 1000,
+                  seed: int = 0, bn: str = "batch", interpolate: bool = False,
+                  attention: bool = False, device: str | torch.device = "cpu",
+                  per_row: int = 8) -> list[Path]:
+    """What ``--sample`` writes for a checkpoint: a class grid, ``num_samples`` images as .npz
+    and, on request, a latent interpolation grid and the attention figure. Everything is drawn
+    before the first file is written, so a generator without attention loses nothing."""
+    # visualize.py draws through bn_mode above; importing it at the top would be circular.
+    from eagan.visualize import attention_figure
+
+    sampler = load_generator(path, ema=ema, device=device)
+    labels = class_grid_labels(sampler.num_classes, per_row, torch.device("cpu"))
+    count = len(labels) if labels is not None else per_row * per_row
+    outputs: dict[str, Tensor] = {}
+    images, _ = sampler.sample(count, labels=labels, seed=seed, bn=bn)
+    outputs["grid.png"] = grid_image(images, per_row)
+    if interpolate:
+        outputs["interpolation.png"] = grid_image(
+            sampler.interpolate(rows=8, steps=per_row, seed=seed, bn=bn), per_row)
+    if attention:
+        rng = torch.Generator().manual_seed(seed)
+        z = torch.randn(per_row, sampler.generator.z_dim, generator=rng).to(device)
+        figure_labels = torch.randint(sampler.num_classes, (per_row,), generator=rng).to(
+            device) if sampler.num_classes else None
+        figure = attention_figure(sampler.generator, z, figure_labels)
+        if figure is None:
+            raise UserError(f"{path}: --attention: this generator has no attention block")
+        outputs["attention.png"] = figure
+    images, labels = sampler.sample(num_samples, seed=seed, bn=bn)
+
+    out_dir = ensure_writable_dir(out_dir, "the output folder")
+    stem = f"{Path(path).parent.name}-step{sampler.step}" + ("-ema" if sampler.is_ema else "")
+    written = [out_dir / f"{stem}-grid.png", out_dir / f"{stem}-samples.npz"]
+    save_png(outputs.pop("grid.png"), written[0])
+    write_npz(images, labels, written[1])
+    for name, figure in outputs.items():
+        written.append(out_dir / f"{stem}-{name}")
+        save_png(figure, written[-1])
+    return written
