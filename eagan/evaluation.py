@@ -34,14 +34,15 @@ def reference_set(config: Config) -> tuple[Tensor, str, Protocol]:
     return images.images, f"{data.dataset}-{protocol.reference_split}", protocol
 
 
-def generation_batch_size(config: Config, protocol: Protocol) -> int:
+def generation_batch_size(protocol: Protocol, train_batch_size: int, eval_batch_size: int
+                          ) -> int:
     """The batch the generator runs at while evaluating: the training batch size under
     studiogan2021 (StudioGAN generated in training-size batches) and whenever BN uses batch
     statistics (they depend on the batch, so it must be the batch G trained with); otherwise
     eval.batch_size, which then changes nothing but speed."""
     if protocol.train_batch_generation or protocol.bn_mode == "batch":
-        return config.train.batch_size
-    return config.eval.batch_size
+        return train_batch_size
+    return eval_batch_size
 
 
 def make_training_evaluator(config: Config, device: torch.device, show_progress: bool = True
@@ -60,7 +61,8 @@ def make_training_evaluator(config: Config, device: torch.device, show_progress:
         result = evaluate_generator(
             generator, inception, reference_images=images, reference_name=name,
             protocol=protocol, batch_size=config.eval.batch_size,
-            generation_batch_size=generation_batch_size(config, protocol),
+            generation_batch_size=generation_batch_size(protocol, config.train.batch_size,
+                                                        config.eval.batch_size),
             seed=config.eval.seed, cache_dir=Path(config.eval.cache_dir).expanduser(),
             ema=is_ema, step=step, progress=show_progress, rank=rank, world_size=world_size)
         if result is not None and show_progress:
@@ -76,7 +78,8 @@ def evaluate_checkpoint(config: Config, path: Path, use_ema: bool = True,
                         show_progress: bool = True,
                         bn_modes: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """FID and IS of a checkpoint's generator in each of ``bn_modes`` (None: eval.bn_mode, else
-    the protocol's); prints one table with a column per mode and writes
+    the protocol's), generated at the batch size it was trained with (see
+    generation_batch_size); prints one table with a column per mode and writes
     ``<checkpoint>-eval-<protocol>-bn-<mode>.json`` beside the checkpoint for each."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampled = load_generator(path, ema=use_ema and config.eval.use_ema, device=device)
@@ -94,7 +97,9 @@ def evaluate_checkpoint(config: Config, path: Path, use_ema: bool = True,
         result = evaluate_generator(
             sampled.generator, inception, reference_images=images, reference_name=name,
             protocol=moded, batch_size=config.eval.batch_size,
-            generation_batch_size=generation_batch_size(config, moded), seed=config.eval.seed,
+            generation_batch_size=generation_batch_size(
+                moded, sampled.config.train.batch_size, config.eval.batch_size),
+            seed=config.eval.seed,
             cache_dir=Path(config.eval.cache_dir).expanduser(), ema=sampled.is_ema,
             step=sampled.step, progress=show_progress)
         result["checkpoint"] = str(path)
