@@ -23,7 +23,7 @@ seeded torch.Generator, so the same checkpoint, seed and batch size give the sam
 evaluating never touches the global RNGs that training relies on for exact resume.
 
 The statistics, the Frechet distance and the score are computed here in float64. Metrics live in
-one section ("metrics from features"): a new one is a function of the feature sets and one entry
+one section ("metrics of features"): a new one is a function of the feature sets and one entry
 in ``evaluate_generator``'s result.
 
 Usage: load an engine once with ``load_inception`` (it checks and hashes the weights: do it
@@ -183,7 +183,7 @@ def resolve_protocol(name: str, dataset: str, num_samples_override: int | None =
                     train_batch_generation=preset.train_batch_generation, reference_note=note)
 
 
-# ----------------------------------------------------------------------------- metrics from features
+# ----------------------------------------------------------------------------- metrics of features
 
 def inception_score_from_logits(logits: Tensor, splits: int) -> tuple[float, float]:
     """Inception Score (Salimans et al., 2016): exp(E_x KL(p(y|x) || p(y))) per split.
