@@ -33,6 +33,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 import eagan.metrics
 from eagan.cli import main
 from eagan.errors import UserError
+from eagan.evaluation import generation_batch_size
 from eagan.metrics import (
     FID_LAYER,
     IS_LAYER,
@@ -199,6 +200,17 @@ def test_protocol_overrides_change_only_what_they_name():
                                 bn_mode_override="batch")
     assert (override.num_samples, override.bn_mode) == (1000, "batch")
     assert override == dataclasses.replace(default, num_samples=1000, bn_mode="batch")
+
+
+@pytest.mark.parametrize("name, mode, expected", [
+    ("studiogan2021", "running", 64),  # StudioGAN generated at the training batch size
+    ("studiogan2021", "batch", 64),
+    ("standard", "running", 100),  # per-sample generator: the batch changes only speed
+    ("standard", "batch", 64),  # batch statistics: always the batch G trained with
+])
+def test_generation_batch_size(name, mode, expected):
+    protocol = resolve_protocol(name, "cifar10", bn_mode_override=mode)
+    assert generation_batch_size(protocol, train_batch_size=64, eval_batch_size=100) == expected
 
 
 def test_unknown_bn_mode_is_a_user_error():
