@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluation protocol (default: the config's eval.protocol)")
     parser.add_argument("--num-samples", type=int, help="generated images (eval or sample)")
     parser.add_argument("--inception-weights", help="local Inception weights file")
+    parser.add_argument("--bn-mode", metavar="MODE[,MODE]",
+                        help="generator BatchNorm mode for evaluation: running, batch, or "
+                             "(--eval only) both / running,batch to report each (default: "
+                             "eval.bn_mode, else the protocol's)")
     parser.add_argument("--out", help="output folder for --sample (default: samples/)")
     parser.add_argument("--bn", choices=BN_MODES, default="batch",
                         help="generator BatchNorm mode for --sample (default: batch)")
@@ -68,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"eval.protocol={args.protocol}")
         if args.inception_weights:
             overrides.append(f"eval.inception_weights={args.inception_weights}")
+        bn_modes = _parse_bn_modes(args.bn_mode, args.eval) if args.bn_mode else None
+        if bn_modes is not None and len(bn_modes) == 1:
+            overrides.append(f"eval.bn_mode={bn_modes[0]}")
         if args.num_samples is not None:
             if args.num_samples <= 0:
                 raise UserError(f"--num-samples: expected a value > 0, got {args.num_samples}")
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{'eval' if args.eval else 'sample'} needs --ckpt PATH "
                             "(a checkpoint file or a run folder)")
         if args.eval:
-            return _evaluate(config, args)
+            return _evaluate(config, args, bn_modes)
         return _sample(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -103,11 +110,23 @@ def _train(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(config: Config, args: argparse.Namespace) -> int:
+def _parse_bn_modes(text: str, several_allowed: bool) -> list[str]:
+    """--bn-mode: "both" is running then batch; otherwise a comma list of distinct modes."""
+    modes = ["running", "batch"] if text == "both" else [m.strip() for m in text.split(",")]
+    if any(mode not in BN_MODES for mode in modes) or len(set(modes)) != len(modes):
+        raise UserError(f"--bn-mode: expected running, batch, both or running,batch, "
+                        f"got {text!r}")
+    if len(modes) > 1 and not several_allowed:
+        raise UserError(f"--bn-mode: only --eval reports several modes; training evaluates in "
+                        f"one, got {text!r}")
+    return modes
+
+
+def _evaluate(config: Config, args: argparse.Namespace, bn_modes: list[str] | None) -> int:
     from eagan.evaluation import evaluate_checkpoint
 
     evaluate_checkpoint(config, resolve_checkpoint_arg(args.ckpt), use_ema=not args.raw,
-                        show_progress=not args.no_progress)
+                        show_progress=not args.no_progress, bn_modes=bn_modes)
     return 0
 
 

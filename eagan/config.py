@@ -97,9 +97,13 @@ class EvalConfig:
     protocol: str = option("studiogan2021", choices=("studiogan2021", "standard"))
     every: int = option(2000, min=0)  # 0 turns evaluation during training off
     num_samples: int | None = option(None, positive=True)  # None: the protocol's count
-    batch_size: int = option(100, positive=True)
+    batch_size: int = option(100, positive=True)  # Inception's; see evaluation.py for G's
+    # The generator's BatchNorm while evaluating: null takes the protocol's (running).
+    bn_mode: str | None = option(None, choices=("running", "batch"))
     seed: int = option(0, min=0)
-    inception_weights: str | None = None  # local weights-inception-2015-12-05-6726825d.pth
+    # A local weights-inception-2015-12-05-6726825d.pth or pt_inception-2015-12-05-6726825d.pth
+    # (the same file); null downloads the protocol's engine's release once.
+    inception_weights: str | None = None
     cache_dir: str = "~/.cache/eagan"
     use_ema: bool = True  # evaluate the EMA generator when there is one
 

@@ -1,9 +1,11 @@
-"""Evaluation wired to a run: the reference split a protocol names, the hook the trainer calls
-every eval.every steps, and ``--eval`` on a checkpoint (a table, and a JSON file beside it)."""
+"""Evaluation wired to a run: the reference split a protocol names, the generation batch size,
+the hook the trainer calls every eval.every steps, and ``--eval`` on a checkpoint (a table, and
+one JSON file per BN mode beside it)."""
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +17,32 @@ from eagan.config import Config
 from eagan.data import SPLITS, load_images
 from eagan.errors import UserError
 from eagan.files import atomic_output
-from eagan.metrics import (Inception, Protocol, evaluate_generator, format_results_table,
+from eagan.metrics import (Protocol, evaluate_generator, format_results_table, load_inception,
                            resolve_protocol)
 from eagan.sampling import load_generator
 
 
 def reference_set(config: Config) -> tuple[Tensor, str, Protocol]:
-    """The protocol resolved for the config's dataset, its reference images (uint8) and name."""
+    """The protocol resolved for the config's dataset (BN mode: eval.bn_mode, else the
+    protocol's), its reference images (uint8) and name."""
     data = config.data
     protocol = resolve_protocol(config.eval.protocol, data.dataset, config.eval.num_samples,
-                                available_splits=SPLITS[data.dataset])
+                                available_splits=SPLITS[data.dataset],
+                                bn_mode_override=config.eval.bn_mode)
     images = load_images(data.dataset, data.root, protocol.reference_split, data.image_size,
                          download=data.download, resize=data.resize)
     return images.images, f"{data.dataset}-{protocol.reference_split}", protocol
+
+
+def generation_batch_size(protocol: Protocol, train_batch_size: int, eval_batch_size: int
+                          ) -> int:
+    """The batch the generator runs at while evaluating: the training batch size under
+    studiogan2021 (StudioGAN generated in training-size batches) and whenever BN uses batch
+    statistics (they depend on the batch, so it must be the batch G trained with); otherwise
+    eval.batch_size, which then changes nothing but speed."""
+    if protocol.train_batch_generation or protocol.bn_mode == "batch":
+        return train_batch_size
+    return eval_batch_size
 
 
 def make_training_evaluator(config: Config, device: torch.device, show_progress: bool = True
@@ -37,28 +52,35 @@ def make_training_evaluator(config: Config, device: torch.device, show_progress:
     Inception weights are loaded now, so that a missing file stops the run before it trains
     rather than hours later."""
     images, name, protocol = reference_set(config)
-    inception = Inception.load(config.eval.inception_weights, device, progress=show_progress)
+    inception = load_inception(protocol.engine, config.eval.inception_weights, device,
+                               progress=show_progress)
     is_ema = config.train.ema_decay > 0
 
     def evaluate(generator: nn.Module, step: int, rank: int = 0, world_size: int = 1
                  ) -> dict[str, Any] | None:
         result = evaluate_generator(
             generator, inception, reference_images=images, reference_name=name,
-            protocol=protocol, batch_size=config.eval.batch_size, seed=config.eval.seed,
-            cache_dir=Path(config.eval.cache_dir).expanduser(), ema=is_ema, step=step,
-            progress=show_progress, rank=rank, world_size=world_size)
+            protocol=protocol, batch_size=config.eval.batch_size,
+            generation_batch_size=generation_batch_size(protocol, config.train.batch_size,
+                                                        config.eval.batch_size),
+            seed=config.eval.seed, cache_dir=Path(config.eval.cache_dir).expanduser(),
+            ema=is_ema, step=step, progress=show_progress, rank=rank, world_size=world_size)
         if result is not None and show_progress:
             tqdm.write(f"step {step}: FID {result['fid']:.3f}, IS {result['is_mean']:.3f} "
-                       f"({result['protocol']}, {result['num_samples']} samples)")
+                       f"({result['protocol']}, {result['num_samples']} samples, BN "
+                       f"{result['bn_mode']})")
         return result
 
     return evaluate
 
 
 def evaluate_checkpoint(config: Config, path: Path, use_ema: bool = True,
-                        show_progress: bool = True) -> dict[str, Any]:
-    """FID and IS of a checkpoint's generator; prints a table and writes
-    ``<checkpoint>-eval-<protocol>.json`` beside the checkpoint."""
+                        show_progress: bool = True,
+                        bn_modes: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """FID and IS of a checkpoint's generator in each of ``bn_modes`` (None: eval.bn_mode, else
+    the protocol's), generated at the batch size it was trained with (see
+    generation_batch_size); prints one table with a column per mode and writes
+    ``<checkpoint>-eval-<protocol>-bn-<mode>.json`` beside the checkpoint for each."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampled = load_generator(path, ema=use_ema and config.eval.use_ema, device=device)
     for key in ("dataset", "image_size"):
@@ -67,16 +89,26 @@ def evaluate_checkpoint(config: Config, path: Path, use_ema: bool = True,
             raise UserError(f"{path}: trained with data.{key} = {trained!r} but the config "
                             f"says {given!r}")
     images, name, protocol = reference_set(config)
-    inception = Inception.load(config.eval.inception_weights, device, progress=show_progress)
-    out_path = path.with_name(f"{path.stem}-eval-{protocol.name}.json")
-    result = evaluate_generator(
-        sampled.generator, inception, reference_images=images, reference_name=name,
-        protocol=protocol, batch_size=config.eval.batch_size, seed=config.eval.seed,
-        cache_dir=Path(config.eval.cache_dir).expanduser(), ema=sampled.is_ema,
-        step=sampled.step, progress=show_progress)
-    result["checkpoint"] = str(path)
-    with atomic_output(out_path) as tmp_path:
-        tmp_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_results_table(result))
-    print(out_path)
-    return result
+    inception = load_inception(protocol.engine, config.eval.inception_weights, device,
+                               progress=show_progress)
+    results, written = [], []
+    for mode in bn_modes or [protocol.bn_mode]:
+        moded = dataclasses.replace(protocol, bn_mode=mode)
+        result = evaluate_generator(
+            sampled.generator, inception, reference_images=images, reference_name=name,
+            protocol=moded, batch_size=config.eval.batch_size,
+            generation_batch_size=generation_batch_size(
+                moded, sampled.config.train.batch_size, config.eval.batch_size),
+            seed=config.eval.seed,
+            cache_dir=Path(config.eval.cache_dir).expanduser(), ema=sampled.is_ema,
+            step=sampled.step, progress=show_progress)
+        result["checkpoint"] = str(path)
+        out_path = path.with_name(f"{path.stem}-eval-{protocol.name}-bn-{mode}.json")
+        with atomic_output(out_path) as tmp_path:
+            tmp_path.write_text(json.dumps(result, indent=2) + "\n")
+        results.append(result)
+        written.append(out_path)
+    print(format_results_table(results))
+    for out_path in written:
+        print(out_path)
+    return results

@@ -110,12 +110,13 @@ def test_training_evaluates_keeps_best_and_eval_writes_json(tiny_config_path, tm
 
     capsys.readouterr()
     assert run_cli("-c", tiny_config_path, "--eval", "--ckpt", run_dir, *quick_eval[2:]) == 0
-    result = json.loads((run_dir / "best-eval-studiogan2021.json").read_text())
+    result = json.loads((run_dir / "best-eval-studiogan2021-bn-running.json").read_text())
     assert result["step"] == best_step and result["num_samples"] == 8
-    assert result["reference"] == {"name": "cifar10-test", "split": "test", "count": 16}
+    assert result["reference"] == {"name": "cifar10-test", "split": "test", "count": 16,
+                                   "held_out": True}
     assert (result["protocol"], result["bn_mode"], result["ema"]) == \
-        ("studiogan2021", "batch", False)
-    assert result["inception_weights_sha256"] == \
+        ("studiogan2021", "running", False)
+    assert result["inception"]["weights_sha256"] == \
         hashlib.sha256(standin_weights.read_bytes()).hexdigest()
     # The same generator, samples and seed as the training-time evaluation of that step.
     assert result["fid"] == pytest.approx(fids[best_step], rel=1e-6)
