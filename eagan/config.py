@@ -116,6 +116,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str | None = None  # None: runs/<config file name>
 
+    @property
+    def evaluates_ema(self) -> bool:
+        """Whether evaluation scores the EMA generator: there is one and eval.use_ema says so.
+        The trainer's evaluation and its results' labels both follow this."""
+        return self.train.ema_decay > 0 and self.eval.use_ema
+
 
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)

@@ -54,7 +54,7 @@ def make_training_evaluator(config: Config, device: torch.device, show_progress:
     images, name, protocol = reference_set(config)
     inception = load_inception(protocol.engine, config.eval.inception_weights, device,
                                progress=show_progress)
-    is_ema = config.train.ema_decay > 0
+    is_ema = config.evaluates_ema
 
     def evaluate(generator: nn.Module, step: int, rank: int = 0, world_size: int = 1
                  ) -> dict[str, Any] | None:

@@ -228,10 +228,7 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     # ---- Networks, optimizers, latents -------------------------------------------------------
     gan, options, generator_ema = build_gan(config, num_classes, context)
     generator, discriminator = gan.generator, gan.discriminator
-    # The generator that evaluation scores: the EMA copy when there is one and eval.use_ema
-    # asks for it (as --eval decides from a checkpoint), else the trained one.
-    evaluated = generator_ema if generator_ema is not None and config.eval.use_ema \
-        else generator
+    evaluated = generator_ema if config.evaluates_ema else generator
     latents = LatentSampler(config.model.z_dim, num_classes, per_rank_batch, context,
                             seed=tc.seed + 1)
     # Fixed latents for the sample grids: the same images to watch from the first step on.
