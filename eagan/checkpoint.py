@@ -3,14 +3,19 @@
 A checkpoint is one file holding everything a run needs to continue exactly (networks,
 optimizers, step, every RNG state, the data order, the fixed sampling noise, the resolved config).
 It holds only tensors and plain Python values, so it loads with torch.load(weights_only=True).
+
+After torch.save's bytes comes a footer: DIGEST_MAGIC and the sha256 of every byte before it,
+computed while the file is written. torch.load ignores bytes after the zip archive; we check the
+digest before loading, so a flipped bit anywhere (a weight, a config value, the archive's own
+bookkeeping) is refused rather than trained or sampled from.
 """
 from __future__ import annotations
 
-import pickle
+import hashlib
 import re
-import zipfile
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -18,7 +23,12 @@ from torch import nn
 from eagan.errors import UserError
 from eagan.files import atomic_output
 
-FORMAT = "eagan-checkpoint-v1"
+FORMAT = "eagan-checkpoint-v2"
+# Written before checkpoints carried a digest: loaded with a warning, since nothing can tell a
+# damaged one from an intact one.
+UNVERIFIED_FORMAT = "eagan-checkpoint-v1"
+DIGEST_MAGIC = b"\nEAGAN-SHA256:\n"
+FOOTER_SIZE = len(DIGEST_MAGIC) + hashlib.sha256().digest_size
 STEP_FILE = re.compile(r"^ckpt-(\d+)\.pt$")
 BEST_NAME = "best.pt"
 REQUIRED_KEYS = ("format", "step", "config", "num_classes", "generator")
@@ -28,35 +38,109 @@ def step_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"ckpt-{step:07d}.pt"
 
 
+class _DigestingWriter:
+    """A file wrapper for torch.save that hashes every byte on its way to the file (one pass
+    over bytes torch has already brought to host memory)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write atomically: a crash or a full disk keeps the previous file under ``path``."""
+    """Write atomically, with the digest footer: a crash or a full disk keeps the previous file
+    under ``path``."""
     try:
-        with atomic_output(path) as tmp_path:
-            torch.save(payload, tmp_path)
-    except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as Runtime
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
-        raise UserError(f"{path}: cannot write the checkpoint ({reason}); the previous "
-                        f"checkpoints are kept") from None
+        with atomic_output(path, "the checkpoint") as tmp_path, open(tmp_path, "wb") as handle:
+            writer = _DigestingWriter(handle)
+            torch.save(payload, writer)
+            handle.write(DIGEST_MAGIC + writer.sha256.digest())
+    except RuntimeError as error:  # torch's zip writer can report a full disk as RuntimeError
+        reason = (str(error).strip().splitlines() or ["write failed"])[0]
+        raise UserError(f"{path}: cannot write the checkpoint ({reason}); the previous files "
+                        f"are kept") from None
+
+
+def _digest_matches(path: Path) -> bool | None:
+    """True when the footer's digest matches the bytes before it, False when it does not, None
+    when the file has no footer."""
+    size = path.stat().st_size
+    if size < FOOTER_SIZE:
+        return None
+    sha256 = hashlib.sha256()
+    with open(path, "rb") as handle:
+        remaining = size - FOOTER_SIZE
+        while remaining:
+            chunk = handle.read(min(remaining, 1 << 24))
+            if not chunk:  # shrank while we read it
+                return False
+            sha256.update(chunk)
+            remaining -= len(chunk)
+        footer = handle.read(FOOTER_SIZE)
+    if not footer.startswith(DIGEST_MAGIC):
+        return None
+    return footer[len(DIGEST_MAGIC):] == sha256.digest()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load and sanity-check one of our checkpoints; anything else is a UserError."""
+    """Load and check one of our checkpoints; anything else, whatever its bytes, is a
+    UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
+        verified = _digest_matches(path)
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the checkpoint ({error.strerror or error})") \
+            from None
+    if verified is False:
+        raise UserError(f"{path}: damaged checkpoint: its bytes do not match the digest saved "
+                        f"with it")
+    try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError,
-            ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise UserError(f"{path}: not a readable checkpoint (truncated or not a PyTorch file: "
-                        f"{first_line})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    except Exception:  # noqa: BLE001 - a damaged file fails in a dozen ways, all meaning this
+        # torch's own messages are about its internals, and one advises weights_only=False,
+        # which is the wrong advice for a file nobody can vouch for.
+        raise UserError(f"{path}: not a readable checkpoint (damaged, cut short, or not "
+                        f"written by torch.save)") from None
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt not in (FORMAT, UNVERIFIED_FORMAT):
         raise UserError(f"{path}: not an EAGAN checkpoint (expected format {FORMAT!r})")
+    if fmt == FORMAT and not verified:
+        raise UserError(f"{path}: damaged checkpoint: the digest at its end is missing (the "
+                        f"file was cut short or changed)")
+    if fmt == UNVERIFIED_FORMAT:
+        print(f"warning: {path}: written before checkpoints carried a digest; its contents "
+              f"cannot be verified", file=sys.stderr)
     missing = [key for key in REQUIRED_KEYS if key not in payload]
     if missing:
         raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    _check_types(payload, path)
     return payload
+
+
+def _check_types(payload: dict[str, Any], path: Path) -> None:
+    """The fields every reader uses have the types it expects (for checkpoints without a digest,
+    whose contents nothing else vouches for)."""
+    networks = [payload["generator"], payload.get("discriminator", {}),
+                payload.get("generator_ema") or {}]
+    wrong = [name for name, ok in (
+        ("step", isinstance(payload["step"], int) and payload["step"] >= 0),
+        ("num_classes", isinstance(payload["num_classes"], int) and payload["num_classes"] >= 0),
+        ("config", isinstance(payload["config"], dict)),
+        ("weights", all(isinstance(state, dict) and all(
+            isinstance(key, str) and isinstance(value, torch.Tensor)
+            for key, value in state.items()) for state in networks)),
+    ) if not ok]
+    if wrong:
+        raise UserError(f"{path}: damaged checkpoint: unexpected {', '.join(wrong)}")
 
 
 def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

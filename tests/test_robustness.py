@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from eagan import checkpoint as ckpt
 from eagan.cli import main
 from tests.conftest import TINY_CONFIG
 from tests.fakedata import write_image_folder
@@ -88,7 +89,7 @@ def checkpoint_of_other_networks(ws: Workspace) -> Path:
     payload = torch.load(ws.trained / "ckpt-0000002.pt", weights_only=True)
     payload["generator"]["attention.query.bias"] = torch.zeros(16)
     path = ws.root / "older.pt"
-    torch.save(payload, path)
+    ckpt.save_checkpoint(payload, path)
     return path
 
 
@@ -99,8 +100,36 @@ def no_attention_checkpoint(ws: Workspace) -> Path:
     payload["generator"] = {name: value for name, value in payload["generator"].items()
                             if not name.startswith("attention.")}
     path = ws.root / "plain-G.pt"
-    torch.save(payload, path)
+    ckpt.save_checkpoint(payload, path)
     return path
+
+
+def flipped_weight_checkpoint(ws: Workspace) -> Path:
+    """One bit of one weight flipped inside the file: it still loads, only the digest tells."""
+    data = bytearray((ws.trained / "ckpt-0000002.pt").read_bytes())
+    weight = ckpt.load_checkpoint(ws.trained / "ckpt-0000002.pt")["generator"]["linear.bias"]
+    at = bytes(data).index(weight.numpy().tobytes())
+    data[at] ^= 0x01
+    path = ws.root / "flipped.pt"
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # still a loadable file
+    return path
+
+
+def footerless_checkpoint(ws: Workspace) -> Path:
+    path = ws.root / "cut.pt"
+    path.write_bytes((ws.trained / "ckpt-0000002.pt").read_bytes()[:-ckpt.FOOTER_SIZE])
+    return path
+
+
+def run_started_with_another_config(ws: Workspace) -> Path:
+    """A run killed before its first checkpoint: config.yaml and nothing else."""
+    run_dir = ws.root / "run"
+    run_dir.mkdir()
+    recorded = yaml.safe_load((ws.trained / "config.yaml").read_text())
+    recorded["train"]["lr_g"] = 0.5
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    return run_dir
 
 
 def copied_run(ws: Workspace) -> Path:
@@ -217,8 +246,17 @@ CASES = [
     ("run-folder-holds-a-run", lambda ws: ["-c", ws.config, "--train", "--set",
                                            f"run_dir={copied_run(ws)}"],
      ["already holds a run", "--resume"]),
-    ("resume-without-checkpoint", lambda ws: ["-c", ws.config, "--train", "--resume"],
-     ["holds no checkpoint"]),
+    ("resume-before-first-checkpoint-other-config", lambda ws: [
+        "-c", ws.config, "--train", "--resume", "--set",
+        f"run_dir={run_started_with_another_config(ws)}"],
+     ["config.yaml", "cannot resume", "train.lr_g: 0.5 -> 0.0002"]),
+    ("flipped-bit-in-a-weight", lambda ws: ["-c", ws.config, "--sample", "--ckpt",
+                                            flipped_weight_checkpoint(ws), "--out",
+                                            ws.root / "out"],
+     ["flipped.pt", "do not match the digest"]),
+    ("checkpoint-without-digest", lambda ws: ["-c", ws.config, "--eval", "--ckpt",
+                                              footerless_checkpoint(ws)],
+     ["cut.pt", "digest at its end is missing"]),
     ("attention-maps-without-attention", lambda ws: [
         "-c", ws.config, "--sample", "--ckpt", no_attention_checkpoint(ws), "--attention",
         "--out", ws.root / "out"], ["plain-G.pt", "no attention block"]),
