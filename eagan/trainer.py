@@ -58,8 +58,6 @@ class EvaluationFailed(UserError):
     def __init__(self, step: int, error: BaseException, saved: Path) -> None:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else \
             type(error).__name__
-        if isinstance(error, torch.OutOfMemoryError):
-            reason = f"out of memory: {reason}"
         super().__init__(f"step {step}: evaluation failed ({reason}); the run is saved in "
                          f"{saved}: fix the cause and run the same command with --resume")
 
