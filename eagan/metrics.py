@@ -230,15 +230,16 @@ def check_inception_weights(path: str | Path) -> str:
         raise UserError(f"inception weights {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch.load raises a dozen types on bad files
-        raise UserError(f"inception weights {path}: not a file torch.load(weights_only=True) "
-                        f"can read ({_first_line(error)})") from error
+    except Exception:  # noqa: BLE001 - torch.load raises a dozen types on bad files
+        # Not torch's message: it advises weights_only=False, wrong for an unknown file.
+        raise UserError(f"inception weights {path}: not a readable weights file (damaged, cut "
+                        f"short, or not written by torch.save)") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"inception weights {path}: holds a {type(state).__name__}, expected a "
                         f"state dict of tensors")
     expected = _expected_shapes()
     missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(set(state.keys()) - expected.keys())
+    unexpected = sorted(set(state.keys()) - expected.keys(), key=str)
     if missing or unexpected:
         raise UserError(f"inception weights {path}: not torch-fidelity's InceptionV3 state dict "
                         f"({len(missing)} keys missing, e.g. {missing[:2]}; {len(unexpected)} "

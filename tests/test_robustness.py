@@ -12,8 +12,12 @@ import yaml
 
 from eagan import checkpoint as ckpt
 from eagan.cli import main
+from eagan.errors import UserError
 from tests.conftest import TINY_CONFIG
 from tests.fakedata import write_image_folder
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass
@@ -35,8 +39,13 @@ def trained_run(tmp_path_factory, cifar_root):
     config["data"]["root"] = str(cifar_root)
     config["run_dir"] = str(folder / "run")
     (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
-    assert main(["-c", str(folder / "tiny.yaml"), "--train", "--no-progress",
-                 "--set", "train.total_steps=2"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_torch_thread, which a module fixture cannot use
+    try:
+        assert main(["-c", str(folder / "tiny.yaml"), "--train", "--no-progress",
+                     "--set", "train.total_steps=2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return folder / "run"
 
 
@@ -285,3 +294,29 @@ def test_bad_input_is_one_line_exit_2_and_nothing_changes(workspace, capsys, mak
     for fragment in fragments:
         assert fragment in captured.err
     assert tree_state(workspace.root, workspace.trained) == before
+
+
+def test_checkpoint_without_digest_of_the_first_format_loads_with_a_warning(trained_run,
+                                                                            tmp_path, capsys):
+    """Checkpoints written before the digest (format v1) still load, saying they cannot be
+    verified; the same bytes claiming the current format are refused."""
+    payload = torch.load(trained_run / "ckpt-0000002.pt", weights_only=True)
+    payload["format"] = ckpt.UNVERIFIED_FORMAT
+    torch.save(payload, tmp_path / "v1.pt")
+    loaded = ckpt.load_checkpoint(tmp_path / "v1.pt")
+    assert torch.equal(loaded["generator"]["linear.bias"], payload["generator"]["linear.bias"])
+    assert capsys.readouterr().err == (f"warning: {tmp_path / 'v1.pt'}: written before "
+                                       f"checkpoints carried a digest; its contents cannot be "
+                                       f"verified\n")
+    payload["format"] = ckpt.FORMAT
+    torch.save(payload, tmp_path / "v2.pt")
+    with pytest.raises(UserError, match="digest at its end is missing"):
+        ckpt.load_checkpoint(tmp_path / "v2.pt")
+
+
+def test_digest_footer_round_trip(trained_run, tmp_path):
+    """The footer is the sha256 of every byte before it, and torch.load reads the file as is."""
+    data = (trained_run / "ckpt-0000002.pt").read_bytes()
+    body, footer = data[:-ckpt.FOOTER_SIZE], data[-ckpt.FOOTER_SIZE:]
+    assert footer == ckpt.DIGEST_MAGIC + hashlib.sha256(body).digest()
+    assert torch.load(trained_run / "ckpt-0000002.pt", weights_only=True)["step"] == 2
