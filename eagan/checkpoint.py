@@ -4,21 +4,28 @@ A checkpoint is one file holding everything a run needs to continue exactly (net
 optimizers, step, every RNG state, the data order, the fixed sampling noise, the resolved config).
 It holds only tensors and plain Python values, so it loads with torch.load(weights_only=True).
 
-After torch.save's bytes comes a footer: DIGEST_MAGIC and the sha256 of every byte before it,
-computed while the file is written. torch.load ignores bytes after the zip archive; we check the
-digest before loading, so a flipped bit anywhere (a weight, a config value, the archive's own
-bookkeeping) is refused rather than trained or sampled from.
+torch.save writes a zip archive and records the CRC-32 of every record in it (the pickle, each
+tensor's bytes) as it writes. After the archive comes our footer: DIGEST_MAGIC and the sha256 of
+every byte that is not record data (headers, names, sizes, offsets, those CRC-32s). Checking
+both before loading (torch.load checks neither) refuses a flipped bit anywhere - a weight, a
+config value, the archive's bookkeeping - rather than training or sampling from it. Hashing
+only the bookkeeping keeps the digest's cost to a few milliseconds (the CRC-32s come with
+torch.save; benchmarks/checkpoint_digest.py). torch.load ignores bytes after the archive.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import struct
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 from torch import nn
+from torch.utils.serialization import config as serialization_config
 
 from eagan.errors import UserError
 from eagan.files import atomic_output
@@ -38,55 +45,107 @@ def step_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"ckpt-{step:07d}.pt"
 
 
-class _DigestingWriter:
-    """A file wrapper for torch.save that hashes every byte on its way to the file (one pass
-    over bytes torch has already brought to host memory)."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle = handle
-        self.sha256 = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        return self.handle.write(data)
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     """Write atomically, with the digest footer: a crash or a full disk keeps the previous file
     under ``path``."""
     try:
-        with atomic_output(path, "the checkpoint") as tmp_path, open(tmp_path, "wb") as handle:
-            writer = _DigestingWriter(handle)
-            torch.save(payload, writer)
-            handle.write(DIGEST_MAGIC + writer.sha256.digest())
+        with atomic_output(path, "the checkpoint") as tmp_path:
+            # The CRC-32s are half of the digest: never let a global setting switch them off.
+            with serialization_config.patch({"save.compute_crc32": True}):
+                torch.save(payload, tmp_path)
+            with open(tmp_path, "rb+") as handle:
+                digest = _structure_digest(handle, handle.seek(0, 2))
+                handle.write(DIGEST_MAGIC + digest)
     except RuntimeError as error:  # torch's zip writer can report a full disk as RuntimeError
         reason = (str(error).strip().splitlines() or ["write failed"])[0]
         raise UserError(f"{path}: cannot write the checkpoint ({reason}); the previous files "
                         f"are kept") from None
 
 
+def _record_spans(handle: BinaryIO, archive_size: int) -> list[tuple[int, int, int]]:
+    """(start, end, CRC-32) of every record's data in the zip archive held by the first
+    ``archive_size`` bytes; BadZipFile or struct.error when the archive is damaged."""
+    spans = []
+    with zipfile.ZipFile(_Prefix(handle, archive_size)) as archive:
+        for info in archive.infolist():
+            handle.seek(info.header_offset)
+            name_length, extra_length = struct.unpack("<HH", handle.read(30)[26:30])
+            start = info.header_offset + 30 + name_length + extra_length
+            spans.append((start, start + info.compress_size, info.CRC))
+    return sorted(spans)
+
+
+def _structure_digest(handle: BinaryIO, archive_size: int) -> bytes:
+    """sha256 of every byte of the archive outside record data."""
+    sha256, position = hashlib.sha256(), 0
+    for start, end, _ in _record_spans(handle, archive_size) + [(archive_size,) * 3]:
+        if start < position or end > archive_size:
+            raise zipfile.BadZipFile("records overlap or run past the archive")
+        handle.seek(position)
+        sha256.update(handle.read(start - position))
+        position = end
+    return sha256.digest()
+
+
+def _records_intact(handle: BinaryIO, archive_size: int) -> bool:
+    """Every record's data has the CRC-32 recorded for it."""
+    for start, end, crc in _record_spans(handle, archive_size):
+        handle.seek(start)
+        value, remaining = 0, end - start
+        while remaining:
+            chunk = handle.read(min(remaining, 1 << 24))
+            if not chunk:
+                return False
+            value = zlib.crc32(chunk, value)
+            remaining -= len(chunk)
+        if value != crc:
+            return False
+    return True
+
+
+class _Prefix:
+    """The first ``size`` bytes of a file, as a read-only file for zipfile (which looks for the
+    archive's end record at the end of what it is given, before our footer)."""
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self.handle, self.size, self.position = handle, size, 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self.position, self.size)[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.position if n < 0 else min(n, self.size - self.position)
+        self.handle.seek(self.position)
+        data = self.handle.read(max(n, 0))
+        self.position += len(data)
+        return data
+
+    def seekable(self) -> bool:
+        return True
+
+
 def _digest_matches(path: Path) -> bool | None:
-    """True when the footer's digest matches the bytes before it, False when it does not, None
+    """True when the footer's digest and every record's CRC-32 match, False when not, None
     when the file has no footer."""
     size = path.stat().st_size
     if size < FOOTER_SIZE:
         return None
-    sha256 = hashlib.sha256()
     with open(path, "rb") as handle:
-        remaining = size - FOOTER_SIZE
-        while remaining:
-            chunk = handle.read(min(remaining, 1 << 24))
-            if not chunk:  # shrank while we read it
-                return False
-            sha256.update(chunk)
-            remaining -= len(chunk)
+        handle.seek(size - FOOTER_SIZE)
         footer = handle.read(FOOTER_SIZE)
-    if not footer.startswith(DIGEST_MAGIC):
-        return None
-    return footer[len(DIGEST_MAGIC):] == sha256.digest()
+        if not footer.startswith(DIGEST_MAGIC):
+            return None
+        archive_size = size - FOOTER_SIZE
+        try:
+            return footer[len(DIGEST_MAGIC):] == _structure_digest(handle, archive_size) \
+                and _records_intact(handle, archive_size)
+        except Exception:  # noqa: BLE001 - zipfile fails a dozen ways on damaged bytes
+            return False
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

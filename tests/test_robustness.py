@@ -1,14 +1,18 @@
 """Bad input through the real CLI: one line naming the file, key or path, exit code 2, and no
 file written, changed or removed."""
 import hashlib
+import io
 import shutil
 import socket
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from torch.utils.serialization import config as serialization_config
 
 from eagan import checkpoint as ckpt
 from eagan.cli import main
@@ -314,9 +318,17 @@ def test_checkpoint_without_digest_of_the_first_format_loads_with_a_warning(trai
         ckpt.load_checkpoint(tmp_path / "v2.pt")
 
 
-def test_digest_footer_round_trip(trained_run, tmp_path):
-    """The footer is the sha256 of every byte before it, and torch.load reads the file as is."""
-    data = (trained_run / "ckpt-0000002.pt").read_bytes()
-    body, footer = data[:-ckpt.FOOTER_SIZE], data[-ckpt.FOOTER_SIZE:]
-    assert footer == ckpt.DIGEST_MAGIC + hashlib.sha256(body).digest()
-    assert torch.load(trained_run / "ckpt-0000002.pt", weights_only=True)["step"] == 2
+def test_checkpoints_carry_crc32s_even_when_torch_is_told_not_to(trained_run, tmp_path):
+    """Every record's CRC-32 is half the digest: save_checkpoint keeps them whatever the global
+    setting, and the file stays one torch.load reads as is."""
+    payload = ckpt.load_checkpoint(trained_run / "ckpt-0000002.pt")
+    with serialization_config.patch({"save.compute_crc32": False}):
+        ckpt.save_checkpoint(payload, tmp_path / "a.pt")
+    with zipfile.ZipFile(io.BytesIO((tmp_path / "a.pt").read_bytes()[:-ckpt.FOOTER_SIZE])) \
+            as archive:
+        infos = archive.infolist()
+        assert len(infos) > 10
+        for info in infos:
+            assert info.CRC == zlib.crc32(archive.read(info)), info.filename
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["step"] == 2
+    assert ckpt.load_checkpoint(tmp_path / "a.pt")["step"] == 2
