@@ -218,7 +218,7 @@ def fail_save_number(monkeypatch, failing: int) -> None:
     def save_then_fill_disk(obj, f, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == failing:
-            f.write(b"partial")
+            Path(f).write_bytes(b"partial")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *args, **kwargs)
 
