@@ -55,6 +55,7 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
                 torch.save(payload, tmp_path)
             with open(tmp_path, "rb+") as handle:
                 digest = _structure_digest(handle, handle.seek(0, 2))
+                handle.seek(0, 2)
                 handle.write(DIGEST_MAGIC + digest)
     except RuntimeError as error:  # torch's zip writer can report a full disk as RuntimeError
         reason = (str(error).strip().splitlines() or ["write failed"])[0]
