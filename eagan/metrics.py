@@ -232,8 +232,8 @@ def check_inception_weights(path: str | Path) -> str:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - torch.load raises a dozen types on bad files
         # Not torch's message: it advises weights_only=False, wrong for an unknown file.
-        raise UserError(f"inception weights {path}: not a readable weights file (damaged, cut "
-                        f"short, or not written by torch.save)") from None
+        raise UserError(f"inception weights {path}: not a file torch.load(weights_only=True) "
+                        f"can read (damaged, cut short, or not a PyTorch file)") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"inception weights {path}: holds a {type(state).__name__}, expected a "
                         f"state dict of tensors")
