@@ -6,27 +6,44 @@ optimizers, step, every RNG state, the data order, the fixed sampling noise, the
 It holds only tensors and plain Python values, so it loads with torch.load(weights_only=True).
 ``save_training_state`` writes it and ``restore_training_state`` reads it back; ``load_generator``
 (sampling.py) needs only REQUIRED_KEYS.
+
+torch.save writes a zip archive and records the CRC-32 of every record in it (the pickle, each
+tensor's bytes) as it writes. After the archive comes our footer: DIGEST_MAGIC and the sha256 of
+every byte that is not record data (headers, names, sizes, offsets, those CRC-32s). Checking
+both before loading (torch.load checks neither) refuses a flipped bit anywhere - a weight, a
+config value, the archive's bookkeeping - rather than training or sampling from it. Hashing
+only the bookkeeping keeps the digest's cost to a few milliseconds (the CRC-32s come with
+torch.save; benchmarks/checkpoint_digest.py). torch.load ignores bytes after the archive.
 """
 from __future__ import annotations
 
 import dataclasses
-import pickle
+import hashlib
 import random
 import re
+import struct
+import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.serialization import config as serialization_config
 
 from eagan.distributed import DistContext, gather_to_main
 from eagan.errors import UserError
 from eagan.files import atomic_output
 
-FORMAT = "eagan-checkpoint-v1"
+FORMAT = "eagan-checkpoint-v2"
+# Written before checkpoints carried a digest: loaded with a warning, since nothing can tell a
+# damaged one from an intact one.
+UNVERIFIED_FORMAT = "eagan-checkpoint-v1"
+DIGEST_MAGIC = b"\nEAGAN-SHA256:\n"
+FOOTER_SIZE = len(DIGEST_MAGIC) + hashlib.sha256().digest_size
 STEP_FILE = re.compile(r"^ckpt-(\d+)\.pt$")
 BEST_NAME = "best.pt"
 REQUIRED_KEYS = ("format", "step", "config", "num_classes", "generator")
@@ -120,34 +137,161 @@ def step_path(run_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write atomically: a crash or a full disk keeps the previous file under ``path``."""
+    """Write atomically, with the digest footer: a crash or a full disk keeps the previous file
+    under ``path``."""
     try:
-        with atomic_output(path) as tmp_path:
-            torch.save(payload, tmp_path)
-    except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as Runtime
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
-        raise UserError(f"{path}: cannot write the checkpoint ({reason}); the previous "
-                        f"checkpoints are kept") from None
+        with atomic_output(path, "the checkpoint") as tmp_path:
+            # The CRC-32s are half of the digest: never let a global setting switch them off.
+            with serialization_config.patch({"save.compute_crc32": True}):
+                torch.save(payload, tmp_path)
+            with open(tmp_path, "rb+") as handle:
+                digest = _structure_digest(handle, handle.seek(0, 2))
+                handle.seek(0, 2)
+                handle.write(DIGEST_MAGIC + digest)
+    except RuntimeError as error:  # torch's zip writer can report a full disk as RuntimeError
+        reason = (str(error).strip().splitlines() or ["write failed"])[0]
+        raise UserError(f"{path}: cannot write the checkpoint ({reason}); the previous files "
+                        f"are kept") from None
+
+
+def _record_spans(handle: BinaryIO, archive_size: int) -> list[tuple[int, int, int]]:
+    """(start, end, CRC-32) of every record's data in the zip archive held by the first
+    ``archive_size`` bytes; BadZipFile or struct.error when the archive is damaged."""
+    spans = []
+    with zipfile.ZipFile(_Prefix(handle, archive_size)) as archive:
+        for info in archive.infolist():
+            handle.seek(info.header_offset)
+            name_length, extra_length = struct.unpack("<HH", handle.read(30)[26:30])
+            start = info.header_offset + 30 + name_length + extra_length
+            spans.append((start, start + info.compress_size, info.CRC))
+    return sorted(spans)
+
+
+def _structure_digest(handle: BinaryIO, archive_size: int) -> bytes:
+    """sha256 of every byte of the archive outside record data."""
+    sha256, position = hashlib.sha256(), 0
+    for start, end, _ in _record_spans(handle, archive_size) + [(archive_size,) * 3]:
+        if start < position or end > archive_size:
+            raise zipfile.BadZipFile("records overlap or run past the archive")
+        handle.seek(position)
+        sha256.update(handle.read(start - position))
+        position = end
+    return sha256.digest()
+
+
+def _records_intact(handle: BinaryIO, archive_size: int) -> bool:
+    """Every record's data has the CRC-32 recorded for it."""
+    for start, end, crc in _record_spans(handle, archive_size):
+        handle.seek(start)
+        value, remaining = 0, end - start
+        while remaining:
+            chunk = handle.read(min(remaining, 1 << 24))
+            if not chunk:
+                return False
+            value = zlib.crc32(chunk, value)
+            remaining -= len(chunk)
+        if value != crc:
+            return False
+    return True
+
+
+class _Prefix:
+    """The first ``size`` bytes of a file, as a read-only file for zipfile (which looks for the
+    archive's end record at the end of what it is given, before our footer)."""
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self.handle, self.size, self.position = handle, size, 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self.position, self.size)[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.position if n < 0 else min(n, self.size - self.position)
+        self.handle.seek(self.position)
+        data = self.handle.read(max(n, 0))
+        self.position += len(data)
+        return data
+
+    def seekable(self) -> bool:
+        return True
+
+
+def _digest_matches(path: Path) -> bool | None:
+    """True when the footer's digest and every record's CRC-32 match, False when not, None
+    when the file has no footer."""
+    size = path.stat().st_size
+    if size < FOOTER_SIZE:
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(size - FOOTER_SIZE)
+        footer = handle.read(FOOTER_SIZE)
+        if not footer.startswith(DIGEST_MAGIC):
+            return None
+        archive_size = size - FOOTER_SIZE
+        try:
+            return footer[len(DIGEST_MAGIC):] == _structure_digest(handle, archive_size) \
+                and _records_intact(handle, archive_size)
+        except Exception:  # noqa: BLE001 - zipfile fails a dozen ways on damaged bytes
+            return False
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load and sanity-check one of our checkpoints; anything else is a UserError."""
+    """Load and check one of our checkpoints; anything else, whatever its bytes, is a
+    UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
+        verified = _digest_matches(path)
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the checkpoint ({error.strerror or error})") \
+            from None
+    if verified is False:
+        raise UserError(f"{path}: damaged checkpoint: its bytes do not match the digest saved "
+                        f"with it")
+    try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError,
-            ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise UserError(f"{path}: not a readable checkpoint (truncated or not a PyTorch file: "
-                        f"{first_line})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    except Exception:  # noqa: BLE001 - a damaged file fails in a dozen ways, all meaning this
+        # torch's own messages are about its internals, and one advises weights_only=False,
+        # which is the wrong advice for a file nobody can vouch for.
+        raise UserError(f"{path}: not a readable checkpoint (damaged, cut short, or not "
+                        f"written by torch.save)") from None
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt not in (FORMAT, UNVERIFIED_FORMAT):
         raise UserError(f"{path}: not an EAGAN checkpoint (expected format {FORMAT!r})")
+    if fmt == FORMAT and not verified:
+        raise UserError(f"{path}: damaged checkpoint: the digest at its end is missing (the "
+                        f"file was cut short or changed)")
+    if fmt == UNVERIFIED_FORMAT:
+        print(f"warning: {path}: written before checkpoints carried a digest; its contents "
+              f"cannot be verified", file=sys.stderr)
     missing = [key for key in REQUIRED_KEYS if key not in payload]
     if missing:
         raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    _check_types(payload, path)
     return payload
+
+
+def _check_types(payload: dict[str, Any], path: Path) -> None:
+    """The fields every reader uses have the types it expects (for checkpoints without a digest,
+    whose contents nothing else vouches for)."""
+    networks = [payload["generator"], payload.get("discriminator", {}),
+                payload.get("generator_ema") or {}]
+    wrong = [name for name, ok in (
+        ("step", isinstance(payload["step"], int) and payload["step"] >= 0),
+        ("num_classes", isinstance(payload["num_classes"], int) and payload["num_classes"] >= 0),
+        ("config", isinstance(payload["config"], dict)),
+        ("weights", all(isinstance(state, dict) and all(
+            isinstance(key, str) and isinstance(value, torch.Tensor)
+            for key, value in state.items()) for state in networks)),
+    ) if not ok]
+    if wrong:
+        raise UserError(f"{path}: damaged checkpoint: unexpected {', '.join(wrong)}")
 
 
 def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

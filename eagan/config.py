@@ -154,6 +154,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: cannot read config file ({error})") from None
+    except (ValueError, RecursionError) as error:  # an impossible date; nesting too deep
+        reason = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise UserError(f"{path}: malformed YAML: {reason}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

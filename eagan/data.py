@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tarfile
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -206,15 +208,31 @@ def _download_cifar10(root: Path) -> None:
 
 
 def _extract_cifar10(archive: Path, root: Path) -> None:
+    """Extract into a temporary folder and rename it into place, so that a damaged archive
+    leaves nothing behind."""
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=".cifar-extract-", dir=root))
+    except OSError as error:
+        raise UserError(f"{root}: cannot extract {archive.name} here ({error.strerror})") \
+            from None
     try:
         with tarfile.open(archive, "r:gz") as tar:
             # The "data" filter refuses absolute paths, links out and devices; Pythons older
             # than 3.10.12 / 3.11.4 lack filters and extract as before.
             safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(root, **safe)
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise UserError(f"{archive} is not a readable tar.gz ({error}); delete it and download "
+            tar.extractall(scratch, **safe)
+        if not (scratch / CIFAR10_FOLDER).is_dir():
+            raise UserError(f"{archive} holds no {CIFAR10_FOLDER} folder; delete it and download "
+                            f"it again from {CIFAR10_URL}")
+        os.replace(scratch / CIFAR10_FOLDER, root / CIFAR10_FOLDER)
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - tarfile, gzip and zlib each fail their own way
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{archive} is not a readable tar.gz ({reason}); delete it and download "
                         f"it again from {CIFAR10_URL}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -336,7 +354,7 @@ def _find_tiny_imagenet(root: Path, split: str) -> ImageFiles:
     if base is None:
         raise UserError(f"Tiny-ImageNet is not in {root} (no {TINY_IMAGENET_FOLDER}/wnids.txt): "
                         f"download {TINY_IMAGENET_URL} and unzip it in {root}")
-    wnids = (base / "wnids.txt").read_text().split()
+    wnids = _read_text(base / "wnids.txt").split()
     if not wnids or len(set(wnids)) != len(wnids):
         raise UserError(f"{base / 'wnids.txt'} must list distinct class ids (wnids), one a line")
     class_of = {wnid: i for i, wnid in enumerate(wnids)}
@@ -347,25 +365,33 @@ def _find_tiny_imagenet(root: Path, split: str) -> ImageFiles:
                            if _is_image(p))
             if not found:
                 raise UserError(f"Tiny-ImageNet class folder {base / 'train' / wnid / 'images'} "
-                                "holds no images")
+                                f"(class {wnid!r} of {base / 'wnids.txt'}) holds no images")
             paths.extend(found)
             labels.extend([label] * len(found))
     else:
         annotations = base / "val" / "val_annotations.txt"
         if not annotations.is_file():
             raise UserError(f"{annotations} is missing; unzip {TINY_IMAGENET_URL} again")
-        for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+        for number, line in enumerate(_read_text(annotations).splitlines(), start=1):
             if not line.strip():
                 continue
             fields = line.split("\t")
             if len(fields) < 2 or fields[1] not in class_of:
                 raise UserError(f"{annotations} line {number}: expected 'file<TAB>wnid<TAB>box' "
-                                f"with a wnid from wnids.txt, got {line!r}")
+                                f"with a wnid from {base / 'wnids.txt'}, got {line[:80]!r}")
             paths.append(base / "val" / "images" / fields[0])
             labels.append(class_of[fields[1]])
         if not paths:
             raise UserError(f"{annotations} lists no images")
     return ImageFiles(paths, labels, len(wnids), wnids, str(base))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else error.strerror
+        raise UserError(f"{path}: cannot read ({reason})") from None
 
 
 def _decode_image(path: Path, size: int, resize: bool = True) -> np.ndarray:
@@ -374,8 +400,9 @@ def _decode_image(path: Path, size: int, resize: bool = True) -> np.ndarray:
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"cannot read image {path} ({error})") from None
+    except Exception as error:  # noqa: BLE001 - PIL's decoders raise a dozen types on bad bytes
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"cannot read image {path} ({reason})") from None
     width, height = image.size
     if (width, height) != (size, size) and not resize:
         raise UserError(f"{path}: image is {width}x{height}, expected {size}x{size} "

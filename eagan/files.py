@@ -11,15 +11,19 @@ from eagan.errors import UserError
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, what: str = "the file") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
 
     A crash or a full disk at any moment leaves either the old file or the new one; on failure
-    the temporary file is removed.
+    the temporary file is removed. An OSError (full disk, unwritable folder) becomes a UserError
+    naming ``path`` and ``what`` was being written.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp",
-                                    dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp",
+                                        dir=path.parent)
+    except OSError as error:
+        raise _write_error(path, what, error) from None
     os.close(fd)
     tmp_path = Path(tmp_name)
     try:
@@ -29,9 +33,17 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
+    except OSError as error:
+        tmp_path.unlink(missing_ok=True)
+        raise _write_error(path, what, error) from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, what: str, error: OSError) -> UserError:
+    return UserError(f"{path}: cannot write {what} ({error.strerror or error}); the previous "
+                     f"files are kept")
 
 
 def _umask() -> int:

@@ -289,15 +289,16 @@ def _load_checked_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
         raise UserError(f"inception weights {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch.load raises a dozen types on bad files
+    except Exception:  # noqa: BLE001 - torch.load raises a dozen types on bad files
+        # Not torch's message: it advises weights_only=False, wrong for an unknown file.
         raise UserError(f"inception weights {path}: not a file torch.load(weights_only=True) "
-                        f"can read ({_first_line(error)})") from error
+                        f"can read (damaged, cut short, or not a PyTorch file)") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"inception weights {path}: holds a {type(state).__name__}, expected a "
                         f"state dict of tensors")
     expected = _expected_shapes()
     missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(set(state.keys()) - expected.keys())
+    unexpected = sorted(set(state.keys()) - expected.keys(), key=str)
     if missing or unexpected:
         raise UserError(f"inception weights {path}: not the InceptionV3 state dict of "
                         f"torch-fidelity / pytorch-fid ({len(missing)} keys missing, e.g. "

@@ -22,7 +22,7 @@ class Tracker:
                     if _logged_step(line) <= truncate_after]
             path.write_text("".join(kept), encoding="utf-8")
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
-                                    purge_step=truncate_after or None)
+                                    purge_step=truncate_after)
         self.jsonl = open(path, "a", encoding="utf-8")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

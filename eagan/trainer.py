@@ -49,6 +49,16 @@ class NonFiniteLoss(UserError):
     """A loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
+class EvaluationFailed(UserError):
+    """Evaluation failed during training; the run saved a checkpoint at that step first."""
+
+    def __init__(self, step: int, error: BaseException, saved: Path) -> None:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else \
+            type(error).__name__
+        super().__init__(f"step {step}: evaluation failed ({reason}); the run is saved in "
+                         f"{saved}: fix the cause and run the same command with --resume")
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -216,6 +226,10 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
                         f"{context.world_size} processes")
     run_dir = Path(config.run_dir)
     resume_from = _prepare_run_dir(run_dir, config, resume, context)
+    payload = None
+    if resume_from is not None:  # before the data: a damaged checkpoint fails in seconds
+        payload = ckpt.load_checkpoint(resume_from, map_location=device)
+        _check_resumable(payload["config"], to_dict(config), resume_from)
     # The same seed on every rank: identical initial networks; per-rank randomness comes from
     # the data and latent samplers, which slice one global draw.
     _seed_everything(tc.seed)
@@ -245,9 +259,7 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
         optimizer_g=gan.opt_g, optimizer_d=gan.opt_d, scaler_g=gan.scaler_g,
         scaler_d=gan.scaler_d, latents=latents, data_order=batches)
     start_step, best_fid = 0, None
-    if resume_from is not None:
-        payload = ckpt.load_checkpoint(resume_from, map_location=device)
-        _check_resumable(payload["config"], to_dict(config), resume_from)
+    if payload is not None:
         ckpt.restore_training_state(payload, resume_from, state, context)
         fixed_z = payload["fixed_z"].to(device)
         start_step, best_fid = payload["step"], payload.get("best_fid")
@@ -337,7 +349,15 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             if evaluate is not None and config.eval.every and (
                     step % config.eval.every == 0 or step == tc.total_steps):
                 improved = False
-                results = evaluate(evaluated, step, context.rank, context.world_size)
+                try:
+                    results = evaluate(evaluated, step, context.rank, context.world_size)
+                except Exception as error:
+                    # Hours of training must not go with it: keep this step, then stop.
+                    save(step, ckpt.step_path(run_dir, step))
+                    if isinstance(error, (UserError, torch.OutOfMemoryError, OSError)):
+                        raise EvaluationFailed(step, error, ckpt.step_path(run_dir, step)) \
+                            from None
+                    raise
                 if context.is_main:
                     tracker.scalars(step, {"Metrics/fid": results["fid"],
                                            "Metrics/is_mean": results["is_mean"],
@@ -497,9 +517,12 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool,
                      context: DistContext) -> Path | None:
     """Check the run folder and return the checkpoint to resume from, if any.
 
-    A folder holding another run is refused rather than mixed; a folder holding this run's
-    checkpoints needs --resume. Nothing is written here: config.yaml follows once the data and
-    networks have been checked, so a failed start leaves no run behind.
+    A folder holding another run is refused rather than mixed; a folder holding this run needs
+    --resume. With --resume, a folder without a checkpoint (a run killed before its first one,
+    or none yet) starts from step 0, so that one command both starts and continues a run; its
+    config.yaml, if any, must match as a checkpoint's would. Nothing is written here:
+    config.yaml follows once the data and networks have been checked, so a failed start leaves
+    no run behind.
     """
     if context.is_main:
         ensure_writable_dir(run_dir, "the run folder")
@@ -508,13 +531,26 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool,
     latest = ckpt.latest_checkpoint(run_dir)
     recorded = run_dir / "config.yaml"
     holds_run = latest is not None or recorded.exists()
+    if resume and latest is None and recorded.exists():
+        _check_resumable(_read_recorded_config(recorded), to_dict(config), recorded)
     barrier(context)  # every rank has looked before rank 0 writes config.yaml
-    if resume and latest is None:
-        raise UserError(f"{run_dir}: --resume given but the run folder holds no checkpoint")
     if not resume and holds_run:
         raise UserError(f"{run_dir}: the run folder already holds a run; pass --resume to "
                         f"continue it or choose another run_dir")
+    if resume and latest is None and context.is_main:
+        tqdm.write(f"no checkpoint in {run_dir}: starting from step 0")
     return latest
+
+
+def _read_recorded_config(path: Path) -> dict[str, Any]:
+    try:
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path}: not a readable run config; move the run folder aside or "
+                        f"choose another run_dir")
+    return recorded
 
 
 def _check_resumable(stored: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.fakedata import write_cifar10
@@ -36,6 +37,17 @@ def tiny_config_path(tmp_path, cifar_root) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test's torch work on one thread: the same reduction order as subprocesses started
+    with OMP_NUM_THREADS=1 (so results compare bit for bit), and no spinning thread pools on a
+    machine whose cores other jobs share."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

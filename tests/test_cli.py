@@ -80,7 +80,6 @@ def test_resume_continues_from_latest(tiny_config_path, tmp_path):
     (["--eval"], "--eval needs --ckpt"),
     (["--sample", "--ckpt", "nowhere.pt"], "nowhere.pt: checkpoint not found"),
     (["--train", "--set", "train.lr_g=-1"], "train.lr_g: expected a value > 0"),
-    (["--train", "--resume"], "holds no checkpoint"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny_config_path, capsys, args, message):
     assert run_cli("-c", tiny_config_path, *args) == 2

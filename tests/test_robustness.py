@@ -1,18 +1,27 @@
 """Bad input through the real CLI: one line naming the file, key or path, exit code 2, and no
 file written, changed or removed."""
 import hashlib
+import io
 import shutil
 import socket
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from torch.utils.serialization import config as serialization_config
 
+from eagan import checkpoint as ckpt
 from eagan.cli import main
+from eagan.errors import UserError
 from tests.conftest import TINY_CONFIG
 from tests.fakedata import write_image_folder
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass
@@ -34,8 +43,13 @@ def trained_run(tmp_path_factory, cifar_root):
     config["data"]["root"] = str(cifar_root)
     config["run_dir"] = str(folder / "run")
     (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
-    assert main(["-c", str(folder / "tiny.yaml"), "--train", "--no-progress",
-                 "--set", "train.total_steps=2"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_torch_thread, which a module fixture cannot use
+    try:
+        assert main(["-c", str(folder / "tiny.yaml"), "--train", "--no-progress",
+                     "--set", "train.total_steps=2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return folder / "run"
 
 
@@ -88,7 +102,7 @@ def checkpoint_of_other_networks(ws: Workspace) -> Path:
     payload = torch.load(ws.trained / "ckpt-0000002.pt", weights_only=True)
     payload["generator"]["attention.query.bias"] = torch.zeros(16)
     path = ws.root / "older.pt"
-    torch.save(payload, path)
+    ckpt.save_checkpoint(payload, path)
     return path
 
 
@@ -99,8 +113,36 @@ def no_attention_checkpoint(ws: Workspace) -> Path:
     payload["generator"] = {name: value for name, value in payload["generator"].items()
                             if not name.startswith("attention.")}
     path = ws.root / "plain-G.pt"
-    torch.save(payload, path)
+    ckpt.save_checkpoint(payload, path)
     return path
+
+
+def flipped_weight_checkpoint(ws: Workspace) -> Path:
+    """One bit of one weight flipped inside the file: it still loads, only the digest tells."""
+    data = bytearray((ws.trained / "ckpt-0000002.pt").read_bytes())
+    weight = ckpt.load_checkpoint(ws.trained / "ckpt-0000002.pt")["generator"]["linear.bias"]
+    at = bytes(data).index(weight.numpy().tobytes())
+    data[at] ^= 0x01
+    path = ws.root / "flipped.pt"
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # still a loadable file
+    return path
+
+
+def footerless_checkpoint(ws: Workspace) -> Path:
+    path = ws.root / "cut.pt"
+    path.write_bytes((ws.trained / "ckpt-0000002.pt").read_bytes()[:-ckpt.FOOTER_SIZE])
+    return path
+
+
+def run_started_with_another_config(ws: Workspace) -> Path:
+    """A run killed before its first checkpoint: config.yaml and nothing else."""
+    run_dir = ws.root / "run"
+    run_dir.mkdir()
+    recorded = yaml.safe_load((ws.trained / "config.yaml").read_text())
+    recorded["train"]["lr_g"] = 0.5
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    return run_dir
 
 
 def copied_run(ws: Workspace) -> Path:
@@ -217,8 +259,17 @@ CASES = [
     ("run-folder-holds-a-run", lambda ws: ["-c", ws.config, "--train", "--set",
                                            f"run_dir={copied_run(ws)}"],
      ["already holds a run", "--resume"]),
-    ("resume-without-checkpoint", lambda ws: ["-c", ws.config, "--train", "--resume"],
-     ["holds no checkpoint"]),
+    ("resume-before-first-checkpoint-other-config", lambda ws: [
+        "-c", ws.config, "--train", "--resume", "--set",
+        f"run_dir={run_started_with_another_config(ws)}"],
+     ["config.yaml", "cannot resume", "train.lr_g: 0.5 -> 0.0002"]),
+    ("flipped-bit-in-a-weight", lambda ws: ["-c", ws.config, "--sample", "--ckpt",
+                                            flipped_weight_checkpoint(ws), "--out",
+                                            ws.root / "out"],
+     ["flipped.pt", "do not match the digest"]),
+    ("checkpoint-without-digest", lambda ws: ["-c", ws.config, "--eval", "--ckpt",
+                                              footerless_checkpoint(ws)],
+     ["cut.pt", "digest at its end is missing"]),
     ("attention-maps-without-attention", lambda ws: [
         "-c", ws.config, "--sample", "--ckpt", no_attention_checkpoint(ws), "--attention",
         "--out", ws.root / "out"], ["plain-G.pt", "no attention block"]),
@@ -247,3 +298,37 @@ def test_bad_input_is_one_line_exit_2_and_nothing_changes(workspace, capsys, mak
     for fragment in fragments:
         assert fragment in captured.err
     assert tree_state(workspace.root, workspace.trained) == before
+
+
+def test_checkpoint_without_digest_of_the_first_format_loads_with_a_warning(trained_run,
+                                                                            tmp_path, capsys):
+    """Checkpoints written before the digest (format v1) still load, saying they cannot be
+    verified; the same bytes claiming the current format are refused."""
+    payload = torch.load(trained_run / "ckpt-0000002.pt", weights_only=True)
+    payload["format"] = ckpt.UNVERIFIED_FORMAT
+    torch.save(payload, tmp_path / "v1.pt")
+    loaded = ckpt.load_checkpoint(tmp_path / "v1.pt")
+    assert torch.equal(loaded["generator"]["linear.bias"], payload["generator"]["linear.bias"])
+    assert capsys.readouterr().err == (f"warning: {tmp_path / 'v1.pt'}: written before "
+                                       f"checkpoints carried a digest; its contents cannot be "
+                                       f"verified\n")
+    payload["format"] = ckpt.FORMAT
+    torch.save(payload, tmp_path / "v2.pt")
+    with pytest.raises(UserError, match="digest at its end is missing"):
+        ckpt.load_checkpoint(tmp_path / "v2.pt")
+
+
+def test_checkpoints_carry_crc32s_even_when_torch_is_told_not_to(trained_run, tmp_path):
+    """Every record's CRC-32 is half the digest: save_checkpoint keeps them whatever the global
+    setting, and the file stays one torch.load reads as is."""
+    payload = ckpt.load_checkpoint(trained_run / "ckpt-0000002.pt")
+    with serialization_config.patch({"save.compute_crc32": False}):
+        ckpt.save_checkpoint(payload, tmp_path / "a.pt")
+    with zipfile.ZipFile(io.BytesIO((tmp_path / "a.pt").read_bytes()[:-ckpt.FOOTER_SIZE])) \
+            as archive:
+        infos = archive.infolist()
+        assert len(infos) > 10
+        for info in infos:
+            assert info.CRC == zlib.crc32(archive.read(info)), info.filename
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["step"] == 2
+    assert ckpt.load_checkpoint(tmp_path / "a.pt")["step"] == 2
