@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run folder's latest checkpoint exactly")
+    parser.add_argument("--seeds", metavar="S,S,...",
+                        help="--train once per seed, in <run folder>/seed<S>; run again to "
+                             "continue what is unfinished")
     parser.add_argument("--ckpt", help="checkpoint file, or a run folder (best.pt, else latest)")
     parser.add_argument("--raw", action="store_true",
                         help="use the raw generator even when the checkpoint has an EMA copy")
@@ -97,13 +100,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(config: Config, args: argparse.Namespace) -> int:
     from eagan.evaluation import make_training_evaluator
-    from eagan.trainer import train
+    from eagan.seeds import parse_seeds, train_seeds
+    from eagan.trainer import RESUMABLE_KEYS, train
 
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     evaluate = None
     if config.eval.every:
         device = resolve_device(config.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         evaluate = make_training_evaluator(config, device, show_progress=not args.no_progress)
-    train(config, resume=args.resume, show_progress=not args.no_progress, evaluate=evaluate)
+    if seeds is None:
+        train(config, resume=args.resume, show_progress=not args.no_progress, evaluate=evaluate)
+        return 0
+    train_seeds(config, seeds, lambda seeded, resume: train(
+        seeded, resume=resume, show_progress=not args.no_progress, evaluate=evaluate),
+        RESUMABLE_KEYS)
     return 0
 
 
