@@ -19,6 +19,7 @@ import yaml
 from eagan.errors import UserError
 
 DATASETS = ("cifar10", "tiny_imagenet", "folder", "digits")
+METRICS = ("fid", "is", "kid", "prc")
 IMAGE_SIZES = (32, 64, 128)
 # Generator and discriminator block counts per resolution (reference section 3).
 G_BLOCKS = {32: 3, 64: 4, 128: 5}
@@ -103,6 +104,9 @@ class EvalConfig:
     inception_weights: str | None = None  # local weights-inception-2015-12-05-6726825d.pth
     cache_dir: str = "~/.cache/eagan"
     use_ema: bool = True  # evaluate the EMA generator when there is one
+    # fid and is are always computed; kid (with its std) and prc (precision and recall) on
+    # request, from the same Inception features as FID.
+    metrics: list[str] = option(["fid", "is"], choices=METRICS)
 
 
 @dataclass
@@ -229,11 +233,12 @@ def _check_value(value: Any, hint: Any, rules: typing.Mapping, source: str, key:
         return None
     value = _coerce(value, base, source, key, optional)
     choices = rules.get("choices")
-    if choices and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint_text = f" (did you mean {close[0]}?)" if close else ""
-        raise UserError(f"{source}: {key}: expected one of {', '.join(map(str, choices))}, "
-                        f"got {value!r}{hint_text}")
+    for item in value if isinstance(value, list) else [value]:
+        if choices and item not in choices:
+            close = difflib.get_close_matches(str(item), [str(c) for c in choices], n=1)
+            hint_text = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"{source}: {key}: expected one of {', '.join(map(str, choices))}, "
+                            f"got {item!r}{hint_text}")
     if rules.get("positive") and value <= 0:
         raise UserError(f"{source}: {key}: expected a value > 0, got {value!r}")
     if rules.get("min") is not None and value < rules["min"]:
@@ -268,6 +273,10 @@ def _coerce(value: Any, base: type, source: str, key: str, optional: bool) -> An
         if not isinstance(value, str):
             raise wrong
         return value
+    if typing.get_origin(base) is list:  # a list of strings, the only list type used
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise UserError(f"{source}: {key}: expected a list of strings, got {value!r}")
+        return list(value)
     raise TypeError(f"unsupported config type {base}")
 
 

@@ -46,7 +46,8 @@ def make_training_evaluator(config: Config, device: torch.device, show_progress:
             generator, inception, reference_images=images, reference_name=name,
             protocol=protocol, batch_size=config.eval.batch_size, seed=config.eval.seed,
             cache_dir=Path(config.eval.cache_dir).expanduser(), ema=is_ema, step=step,
-            progress=show_progress, rank=rank, world_size=world_size)
+            progress=show_progress, rank=rank, world_size=world_size,
+            metrics=config.eval.metrics)
         if result is not None and show_progress:
             tqdm.write(f"step {step}: FID {result['fid']:.3f}, IS {result['is_mean']:.3f} "
                        f"({result['protocol']}, {result['num_samples']} samples)")
@@ -73,7 +74,7 @@ def evaluate_checkpoint(config: Config, path: Path, use_ema: bool = True,
         sampled.generator, inception, reference_images=images, reference_name=name,
         protocol=protocol, batch_size=config.eval.batch_size, seed=config.eval.seed,
         cache_dir=Path(config.eval.cache_dir).expanduser(), ema=sampled.is_ema,
-        step=sampled.step, progress=show_progress)
+        step=sampled.step, progress=show_progress, metrics=config.eval.metrics)
     result["checkpoint"] = str(path)
     with atomic_output(out_path) as tmp_path:
         tmp_path.write_text(json.dumps(result, indent=2) + "\n")
