@@ -455,8 +455,9 @@ def header_lines(groups: list[Group], command: str) -> list[str]:
         weights = ", ".join(sorted({label.weights[:16] for label in labels
                                     if not label.official}))
         lines += [f"**Stand-in Inception weights** ({weights}): the FID, IS and KID and the "
-                  f"precision/recall below come from weights that are not the released "
-                  f"InceptionV3's and mean nothing beyond showing the tool at work.", ""]
+                  f"precision/recall below come from weights that are not (or not recorded "
+                  f"as) the released InceptionV3's and mean nothing beyond showing the tool "
+                  f"at work.", ""]
     return lines
 
 
@@ -510,6 +511,7 @@ def plot_gammas(groups: list[Group], path: Path) -> bool:
             curves = [dict(run.gammas[block]) for run in group.runs if block in run.gammas]
             if curves:
                 _mean_band(axes, curves, group.name)
+        axes.axhline(0.0, color="grey", linewidth=0.5)
         axes.set_title(f"gamma of {block}", fontsize=9)
         axes.set_xlabel("generator step")
         axes.legend(fontsize=8)
@@ -522,7 +524,9 @@ def plot_gammas(groups: list[Group], path: Path) -> bool:
 def _mean_band(axes: Any, curves: list[dict[int, float]], label: str) -> None:
     steps = sorted(set().union(*curves))
     values = [[curve[s] for curve in curves if s in curve] for s in steps]
-    line, = axes.plot(steps, [np.mean(v) for v in values], label=f"{label} ({len(curves)})")
+    seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
+    line, = axes.plot(steps, [np.mean(v) for v in values], marker="o", markersize=3,
+                      label=f"{label} ({seeds})")
     axes.fill_between(steps, [min(v) for v in values], [max(v) for v in values],
                       color=line.get_color(), alpha=0.2)
 
