@@ -228,3 +228,8 @@ def test_end_to_end_on_the_digits_demo(tmp_path, standin_weights, monkeypatch, c
     comparisons = {row["measure"]: row for row in read_csv(out / "comparisons.csv")}
     assert set(comparisons) == {"best FID", "last FID", "mean of last 3 FID", "class accuracy"}
     assert (out / "gamma_vs_step.png").is_file() and (out / "fid_vs_step.png").is_file()
+
+
+def test_modes_other_than_report_still_need_a_config(capsys):
+    assert main(["--train"]) == 2
+    assert "--train, --eval and --sample need -c CONFIG" in capsys.readouterr().err
