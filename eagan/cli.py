@@ -1,4 +1,5 @@
-"""The command line: ``python run.py -c CONFIG (--train | --eval | --sample) [options]``.
+"""The command line: ``python run.py -c CONFIG (--train | --eval | --sample) [options]``, and
+``python run.py --report RUN_DIR [RUN_DIR ...]``.
 
 Exit codes: 0 success, 2 a mistake the user can fix (one line on stderr, no traceback).
 """
@@ -29,16 +30,21 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="run.py", description="EAGAN: GANs with external attention.")
-    parser.add_argument("-c", "--config", required=True, help="YAML config file")
+    parser.add_argument("-c", "--config", help="YAML config file (all modes but --report)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true", help="train (or --resume) a run")
     mode.add_argument("--eval", action="store_true", help="FID and IS of a checkpoint")
     mode.add_argument("--sample", action="store_true", help="grids and .npz from a checkpoint")
+    mode.add_argument("--report", nargs="+", metavar="RUN_DIR",
+                      help="compare run folders (globs welcome) over seeds: tables and plots")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run folder's latest checkpoint exactly")
+    parser.add_argument("--seeds", metavar="S,S,...",
+                        help="--train once per seed, in <run folder>/seed<S>; run again to "
+                             "continue what is unfinished")
     parser.add_argument("--ckpt", help="checkpoint file, or a run folder (best.pt, else latest)")
     parser.add_argument("--raw", action="store_true",
                         help="use the raw generator even when the checkpoint has an EMA copy")
@@ -50,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generator BatchNorm mode for evaluation: running, batch, or "
                              "(--eval only) both / running,batch to report each (default: "
                              "eval.bn_mode, else the protocol's)")
-    parser.add_argument("--out", help="output folder for --sample (default: samples/)")
+    parser.add_argument("--out", help="output folder for --sample (default: samples/) or "
+                                      "--report (default: reports/report-<time>)")
+    parser.add_argument("--last-k", type=int, default=3,
+                        help="--report: also compare the mean of the last K evaluations")
+    parser.add_argument("--class-accuracy", action="store_true",
+                        help="--report: add the digits demo's class accuracy of each run")
     parser.add_argument("--bn", choices=BN_MODES, default="batch",
                         help="generator BatchNorm mode for --sample (default: batch)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -65,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.report:
+            from eagan.report import write_report
+
+            write_report(args.report, args.out, args.last_k, args.class_accuracy,
+                         command="run.py " + " ".join(sys.argv[1:] if argv is None else argv))
+            return 0
+        if args.config is None:
+            raise UserError("command line: --train, --eval and --sample need -c CONFIG "
+                            "(see --help)")
         overrides = list(args.overrides)
         if args.run_dir:
             overrides.append(f"run_dir={args.run_dir}")
@@ -100,13 +120,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(config: Config, args: argparse.Namespace) -> int:
     from eagan.evaluation import make_training_evaluator
-    from eagan.trainer import train
+    from eagan.seeds import parse_seeds, train_seeds
+    from eagan.trainer import RESUMABLE_KEYS, train
 
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     evaluate = None
     if config.eval.every:
         device = resolve_device(config.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         evaluate = make_training_evaluator(config, device, show_progress=not args.no_progress)
-    train(config, resume=args.resume, show_progress=not args.no_progress, evaluate=evaluate)
+    if seeds is None:
+        train(config, resume=args.resume, show_progress=not args.no_progress, evaluate=evaluate)
+        return 0
+    train_seeds(config, seeds, lambda seeded, resume: train(
+        seeded, resume=resume, show_progress=not args.no_progress, evaluate=evaluate),
+        RESUMABLE_KEYS)
     return 0
 
 

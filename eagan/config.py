@@ -22,6 +22,7 @@ from eagan.losses import LOSSES
 from eagan.models import TOPOLOGIES
 
 DATASETS = ("cifar10", "tiny_imagenet", "folder", "digits")
+METRICS = ("fid", "is", "kid", "prc")
 
 
 def option(default: Any, *, choices: tuple | None = None, min: float | None = None,
@@ -106,6 +107,9 @@ class EvalConfig:
     inception_weights: str | None = None
     cache_dir: str = "~/.cache/eagan"
     use_ema: bool = True  # evaluate the EMA generator when there is one
+    # fid and is are always computed; kid (with its std) and prc (precision and recall) on
+    # request, from the same Inception features as FID.
+    metrics: list[str] = option(["fid", "is"], choices=METRICS)
 
 
 @dataclass
@@ -241,11 +245,12 @@ def _check_value(value: Any, hint: Any, rules: typing.Mapping, source: str, key:
         return None
     value = _coerce(value, base, source, key, optional)
     choices = rules.get("choices")
-    if choices and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint_text = f" (did you mean {close[0]}?)" if close else ""
-        raise UserError(f"{source}: {key}: expected one of {', '.join(map(str, choices))}, "
-                        f"got {value!r}{hint_text}")
+    for item in value if isinstance(value, list) else [value]:
+        if choices and item not in choices:
+            close = difflib.get_close_matches(str(item), [str(c) for c in choices], n=1)
+            hint_text = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"{source}: {key}: expected one of {', '.join(map(str, choices))}, "
+                            f"got {item!r}{hint_text}")
     if rules.get("positive") and value <= 0:
         raise UserError(f"{source}: {key}: expected a value > 0, got {value!r}")
     if rules.get("min") is not None and value < rules["min"]:
@@ -280,6 +285,10 @@ def _coerce(value: Any, base: type, source: str, key: str, optional: bool) -> An
         if not isinstance(value, str):
             raise wrong
         return value
+    if typing.get_origin(base) is list:  # a list of strings, the only list type used
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise UserError(f"{source}: {key}: expected a list of strings, got {value!r}")
+        return list(value)
     raise TypeError(f"unsupported config type {base}")
 
 

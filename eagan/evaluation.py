@@ -64,7 +64,8 @@ def make_training_evaluator(config: Config, device: torch.device, show_progress:
             generation_batch_size=generation_batch_size(protocol, config.train.batch_size,
                                                         config.eval.batch_size),
             seed=config.eval.seed, cache_dir=Path(config.eval.cache_dir).expanduser(),
-            ema=is_ema, step=step, progress=show_progress, rank=rank, world_size=world_size)
+            ema=is_ema, step=step, progress=show_progress, rank=rank, world_size=world_size,
+            metrics=config.eval.metrics)
         if result is not None and show_progress:
             tqdm.write(f"step {step}: FID {result['fid']:.3f}, IS {result['is_mean']:.3f} "
                        f"({result['protocol']}, {result['num_samples']} samples, BN "
@@ -101,7 +102,7 @@ def evaluate_checkpoint(config: Config, path: Path, use_ema: bool = True,
                 moded, sampled.config.train.batch_size, config.eval.batch_size),
             seed=config.eval.seed,
             cache_dir=Path(config.eval.cache_dir).expanduser(), ema=sampled.is_ema,
-            step=sampled.step, progress=show_progress)
+            step=sampled.step, progress=show_progress, metrics=config.eval.metrics)
         result["checkpoint"] = str(path)
         out_path = path.with_name(f"{path.stem}-eval-{protocol.name}-bn-{mode}.json")
         with atomic_output(out_path) as tmp_path:

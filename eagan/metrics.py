@@ -44,9 +44,7 @@ import contextlib
 import functools
 import hashlib
 import io
-import os
 import re
-import tempfile
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +61,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorInceptionV3, GenerativeModelModuleWrapper
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, \
+    kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, \
+    prc_features_to_metric
 from torch_fidelity.utils import (
     create_feature_extractor,
     get_featuresdict_from_dataset,
@@ -71,6 +73,7 @@ from torch_fidelity.utils import (
 from tqdm import tqdm
 
 from eagan.errors import UserError
+from eagan.files import atomic_output
 from eagan.sampling import BN_MODES, bn_mode, to_uint8
 
 __all__ = ["bn_mode"]  # re-exported: metrics callers set the generator's BN mode with it
@@ -612,11 +615,61 @@ def reference_statistics(inception: InceptionEngine, images: Tensor, reference_n
     mu, sigma = gaussian_statistics(features[inception.fid_layer])
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so that an interrupted run never leaves a truncated cache file.
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
+    with atomic_output(path) as tmp_path, open(tmp_path, "wb") as file:
         np.savez(file, mu=mu, sigma=sigma, weights_sha256=inception.weights_sha256,
                  engine=inception.name, reference_name=reference_name)
-    os.replace(file.name, path)
     return mu, sigma
+
+
+# ----------------------------------------------------------------------------- KID, precision
+
+# KID (Binkowski et al., 2018): the unbiased MMD^2 with the cubic polynomial kernel, averaged over
+# random subsets (torch-fidelity's defaults: 100 subsets of 1000, fewer when there are fewer
+# samples). Precision and recall (Kynkaanniemi et al., 2019): the share of generated samples
+# inside the k-nearest-neighbour balls of the real ones, and the reverse, k = 3.
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+PRC_NEIGHBORHOOD = 3
+
+
+def kernel_inception_distance(generated: Tensor, reference: Tensor, seed: int
+                              ) -> dict[str, float | int]:
+    """KID mean and std over subsets of features (N, D) and (M, D), through torch-fidelity,
+    with the subset count and size used."""
+    size = min(KID_SUBSET_SIZE, len(generated), len(reference))
+    kid = kid_features_to_metric(generated, reference, kid_subsets=KID_SUBSETS,
+                                 kid_subset_size=size, rng_seed=seed, verbose=False)
+    return {"kid_mean": kid[KEY_METRIC_KID_MEAN], "kid_std": kid[KEY_METRIC_KID_STD],
+            "kid_subsets": KID_SUBSETS, "kid_subset_size": size}
+
+
+def precision_recall(generated: Tensor, reference: Tensor) -> dict[str, float | int]:
+    """Precision and recall of generated against reference features, through torch-fidelity."""
+    prc = prc_features_to_metric(generated.float(), reference.float(),
+                                 prc_neighborhood=PRC_NEIGHBORHOOD, save_cpu_ram=True,
+                                 verbose=False)
+    return {"precision": prc[KEY_METRIC_PRECISION], "recall": prc[KEY_METRIC_RECALL],
+            "prc_neighborhood": PRC_NEIGHBORHOOD}
+
+
+def reference_features(inception: InceptionEngine, images: Tensor, reference_name: str,
+                       cache_dir: Path, batch_size: int, progress: bool = False) -> Tensor:
+    """The reference images' FID-layer features (N, 2048), which KID and precision/recall need
+    whole; cached beside the FID statistics."""
+    stats_path = reference_statistics_path(cache_dir, reference_name, images,
+                                           inception.weights_sha256, inception.name)
+    path = stats_path.with_name(stats_path.stem + "-features.npy")
+    if path.is_file():
+        try:
+            return torch.from_numpy(np.load(path))
+        except Exception:  # noqa: BLE001 - a truncated or foreign file is recomputed
+            pass
+    features = inception.image_features(images, batch_size,
+                                        progress=progress)[inception.fid_layer].cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp_path, open(tmp_path, "wb") as file:
+        np.save(file, features.numpy())
+    return features
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -650,7 +703,8 @@ def evaluate_generator(generator: nn.Module, inception: InceptionEngine, *,
                        protocol: Protocol, batch_size: int, generation_batch_size: int,
                        seed: int, cache_dir: str | Path, ema: bool = False,
                        step: int | None = None, progress: bool = False, rank: int = 0,
-                       world_size: int = 1) -> dict[str, Any] | None:
+                       world_size: int = 1, metrics: Collection[str] = ("fid", "is")
+                       ) -> dict[str, Any] | None:
     """FID and IS of ``generator`` under ``protocol`` against uint8 reference images
     (N, 3, H, W), with the provenance that makes the numbers comparable (or says they are not).
 
@@ -665,7 +719,9 @@ def evaluate_generator(generator: nn.Module, inception: InceptionEngine, *,
     num_classes (0: unconditional, called with labels=None), on ``inception``'s device. It is
     left exactly as it was: same train/eval flags, parameters and buffers; the global RNGs are
     not touched either. ``reference_name`` (e.g. "cifar10-test") names the reference in the
-    cache and the results; ``ema`` and ``step`` are recorded as given.
+    cache and the results; ``ema`` and ``step`` are recorded as given. FID and IS are always
+    computed; ``metrics`` holding "kid" or "prc" adds KID and precision/recall on the FID
+    features of the same pass.
     """
     start = time.perf_counter()
     device = _module_device(generator)
@@ -697,10 +753,19 @@ def evaluate_generator(generator: nn.Module, inception: InceptionEngine, *,
     warnings = [] if inception.official_weights else [NOT_COMPARABLE]
     if protocol.reference_note:
         warnings.append(protocol.reference_note)
+    extra: dict[str, Any] = {}
+    if {"kid", "prc"} & set(metrics):
+        reference = reference_features(inception, reference_images, reference_name,
+                                       Path(cache_dir), batch_size, progress=progress)
+        if "kid" in metrics:
+            extra.update(kernel_inception_distance(features["fid"], reference, seed))
+        if "prc" in metrics:
+            extra.update(precision_recall(features["fid"], reference))
     return {
         "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref),
         "is_mean": is_mean,
         "is_std": is_std,
+        **extra,
         "protocol": protocol.name,
         "num_samples": protocol.num_samples,
         "is_samples": "own set" if protocol.is_own_samples else "the FID set",
@@ -744,6 +809,12 @@ def _result_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("FID", f"{result['fid']:.3f}"),
         ("IS", f"{result['is_mean']:.3f} +- {result['is_std']:.3f}"),
         ("BN mode", result["bn_mode"]),
+        *([("KID", f"{result['kid_mean']:.5f} +- {result['kid_std']:.5f} "
+                   f"({result['kid_subsets']} subsets of {result['kid_subset_size']})")]
+          if "kid_mean" in result else []),
+        *([("precision / recall", f"{result['precision']:.3f} / {result['recall']:.3f} "
+                                  f"(k = {result['prc_neighborhood']})")]
+          if "precision" in result else []),
         ("protocol", result["protocol"]),
         ("samples", f"{result['num_samples']} (seed {result['seed']}; IS on "
                     f"{result['is_samples']}, {result['is_splits']} split"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -25,10 +26,12 @@ class Tracker:
                                     purge_step=truncate_after)
         self.jsonl = open(path, "a", encoding="utf-8")
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def scalars(self, step: int, values: dict[str, float],
+                labels: dict[str, Any] | None = None) -> None:
+        """``labels``: what the values mean (an evaluation's protocol, weights), jsonl only."""
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, **values, **(labels or {})}) + "\n")
         self.jsonl.flush()
 
     def image(self, name: str, step: int, grid: torch.Tensor) -> None:

@@ -44,6 +44,20 @@ RESUMABLE_KEYS = ("train.total_steps", "train.log_every", "train.sample_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.device",
                   "data.root", "data.num_workers", "run_dir", "eval.")
 
+# Evaluation results logged as scalars, when the evaluation computed them.
+METRIC_SCALARS = {"fid": "Metrics/fid", "is_mean": "Metrics/is_mean", "is_std": "Metrics/is_std",
+                  "kid_mean": "Metrics/kid_mean", "kid_std": "Metrics/kid_std",
+                  "precision": "Metrics/precision", "recall": "Metrics/recall"}
+
+
+def evaluation_labels(result: dict[str, Any]) -> dict[str, Any]:
+    """What makes an evaluation's numbers comparable, for its stats.jsonl line: protocol,
+    sample count, reference, BN mode, EMA and the Inception weights' sha256."""
+    weights = result["inception"]["weights_sha256"]
+    return {"Eval/protocol": result["protocol"], "Eval/num_samples": result["num_samples"],
+            "Eval/reference": result["reference"]["name"], "Eval/bn_mode": result["bn_mode"],
+            "Eval/ema": result["ema"], "Eval/inception_sha256": weights}
+
 
 class NonFiniteLoss(UserError):
     """A loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
@@ -359,10 +373,10 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
                             from None
                     raise
                 if context.is_main:
-                    tracker.scalars(step, {"Metrics/fid": results["fid"],
-                                           "Metrics/is_mean": results["is_mean"],
-                                           "Metrics/is_std": results["is_std"],
-                                           "Timing/eval_sec": results["elapsed_s"]})
+                    tracker.scalars(step, {**{name: results[key] for key, name in
+                                              METRIC_SCALARS.items() if key in results},
+                                           "Timing/eval_sec": results["elapsed_s"]},
+                                    labels=evaluation_labels(results))
                     improved = best_fid is None or results["fid"] < best_fid
                     best_fid = results["fid"] if improved else best_fid
                 if broadcast_flag(context, improved):

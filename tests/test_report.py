@@ -1,0 +1,235 @@
+"""run.py --report: grouping by config minus seed, statistics over seeds, Welch intervals,
+refusals, plots; then end to end on the digits demo."""
+import csv
+import json
+import math
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from eagan import evaluation
+from eagan.cli import main
+from eagan.config import Config, to_dict
+from eagan.report import OFFICIAL_INCEPTION_SHA256, welch_interval
+
+REPO = Path(__file__).resolve().parents[1]
+
+STANDIN = "ab" * 32
+# Hand computation: Welch's t for two samples of 3 with equal variances has 4 degrees of
+# freedom, and t(0.975, 4) = 2.7764 (any t table).
+T_975_DF4 = 2.7764
+
+
+def write_run(folder, attention, seed, fids, *, gammas=None, weights=STANDIN, root="data",
+              protocol="studiogan2021", is_means=None, step_every=100):
+    """A run folder as the trainer leaves it: config.yaml and stats.jsonl with one training
+    line and one evaluation line per evaluation (FIDs at steps 100, 200, ...)."""
+    config = to_dict(Config())
+    config["model"]["attention"] = attention
+    config["train"]["seed"] = seed
+    config["data"]["root"] = root
+    config["run_dir"] = str(folder)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = []
+    for i, fid in enumerate(fids):
+        step = (i + 1) * step_every
+        train_line = {"step": step, "Loss/D/total": 1.0, "Timing/steps_per_sec": 2.0 + seed}
+        for block, values in (gammas or {}).items():
+            train_line[f"Attention/gamma/{block}"] = values[i]
+        lines.append(train_line)
+        lines.append({"step": step, "Metrics/fid": fid,
+                      "Metrics/is_mean": (is_means or [1.0] * len(fids))[i],
+                      "Metrics/is_std": 0.0, "Timing/eval_sec": 1.0,
+                      "Eval/protocol": protocol, "Eval/num_samples": 10000,
+                      "Eval/reference": "cifar10-test", "Eval/bn_mode": "batch",
+                      "Eval/ema": False, "Eval/inception_sha256": weights})
+    (folder / "stats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture
+def synthetic_runs(tmp_path):
+    """EA and SA, 3 seeds each; best FIDs EA 10, 12, 14 and SA 13, 15, 17."""
+    runs = tmp_path / "runs"
+    ea_best, sa_best = [10.0, 12.0, 14.0], [13.0, 15.0, 17.0]
+    for seed in range(3):
+        gamma = {"G/attention": [0.1 * seed, 0.2, 0.3], "D/attention": [0.0, -0.1, -0.2]}
+        # Best at step 200, then worse; a different data.root does not split a group.
+        write_run(runs / "ea" / f"seed{seed}", "external", seed,
+                  [ea_best[seed] + 5, ea_best[seed], ea_best[seed] + 1], gammas=gamma,
+                  root=f"/elsewhere{seed}", is_means=[1.0, 7.0 + seed, 2.0])
+        write_run(runs / "sa" / f"seed{seed}", "self", seed,
+                  [sa_best[seed] + 2, sa_best[seed] + 3, sa_best[seed]], gammas=gamma)
+    return runs
+
+
+def test_groups_means_stds_and_welch_interval(synthetic_runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["--report", str(synthetic_runs / "*" / "seed*"), "--out", str(out),
+                 "--last-k", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# Comparison of runs") and "Stand-in Inception weights" in printed
+
+    groups = {row["group"]: row for row in read_csv(out / "groups.csv")}
+    assert set(groups) == {"attention=external", "attention=self"}
+    ea, sa = groups["attention=external"], groups["attention=self"]
+    assert (ea["seeds"], sa["seeds"]) == ("3", "3")
+    assert ea["best FID"] == "12.000 +- 2.000" and sa["best FID"] == "15.000 +- 2.000"
+    assert ea["best FID per seed"] == "10.000 (seed 0) 12.000 (seed 1) 14.000 (seed 2)"
+    assert ea["step of best"] == "200 200 200" and sa["step of best"] == "300 300 300"
+    assert ea["IS at best"] == "8.000 +- 1.000"  # 7, 8, 9 at the best step
+    assert ea["last FID"] == "13.000 +- 2.000"
+    # Mean of the last 2: (best + best + 1) / 2 -> 12.5 +- 2 for EA; SA (best + 3 + best) / 2.
+    assert ea["mean of last 2 FID"] == "12.500 +- 2.000"
+    assert sa["mean of last 2 FID"] == "16.500 +- 2.000"
+    assert ea["steps/s"] == "3.00 +- 1.00"
+    assert ea["evaluated as"] == f"studiogan2021, 10000 samples, BN batch, Inception " \
+                                 f"{STANDIN[:8]} (stand-in)"
+
+    best = next(row for row in read_csv(out / "comparisons.csv") if row["measure"] ==
+                "best FID")
+    # EA - SA = -3; se = sqrt(4/3 + 4/3); 4 degrees of freedom.
+    half = T_975_DF4 * math.sqrt(8 / 3)
+    low, high = (float(x) for x in best["95% CI (Welch)"].strip("[]").split(","))
+    assert float(best["A - B"]) == -3.0
+    assert low == pytest.approx(-3 - half, abs=2e-3) and high == pytest.approx(-3 + half,
+                                                                               abs=2e-3)
+    assert best["verdict"] == "no difference detectable with 3 seeds"
+    measures = [row["measure"] for row in read_csv(out / "comparisons.csv")]
+    assert measures == ["best FID", "last FID", "mean of last 2 FID"]
+    assert len(read_csv(out / "runs.csv")) == 6
+
+
+def test_welch_interval_with_unequal_variances_against_t_tables():
+    diff, low, high = welch_interval([10.0, 10.1, 10.2], [12.0, 12.3, 12.6])
+    assert diff == pytest.approx(-2.2)
+    # Variances of the means 0.01 / 3 and 0.09 / 3: Welch-Satterthwaite gives
+    # (0.1 / 3)^2 / ((0.01 / 3)^2 / 2 + (0.03)^2 / 2) = 2.44 degrees of freedom, so the
+    # half-width lies between t(0.975, 3) = 3.182 and t(0.975, 2) = 4.303 standard errors.
+    se = math.sqrt(0.1 / 3)
+    assert high - diff == pytest.approx(diff - low)
+    assert 3.182 * se < high - diff < 4.303 * se
+    assert high < 0
+
+
+def test_ea_better_verdict_and_refusals(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed, (ea, sa) in enumerate([(10.0, 12.0), (10.1, 12.3), (10.2, 12.6)]):
+        write_run(runs / f"ea{seed}", "external", seed, [ea])
+        write_run(runs / f"sa{seed}", "self", seed, [sa])
+    out = tmp_path / "report"
+    assert main(["--report", str(runs), "--out", str(out)]) == 0
+    verdicts = {row["measure"]: row["verdict"] for row in read_csv(out / "comparisons.csv")}
+    assert verdicts["best FID"] == "EA better"
+
+    # One seed's evaluations under other Inception weights: the group is refused.
+    mixed = tmp_path / "mixed"
+    write_run(mixed / "seed0", "external", 0, [10.0])
+    write_run(mixed / "seed1", "external", 1, [11.0], weights=OFFICIAL_INCEPTION_SHA256)
+    capsys.readouterr()
+    assert main(["--report", str(mixed), "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "group all runs: evaluations mix protocols or Inception " \
+        "weights" in err and "they are not averaged" in err
+    assert not (tmp_path / "refused").exists()
+
+    for args, message in [
+        ([str(tmp_path / "nowhere")], "nowhere: not a run folder"),
+        ([str(tmp_path / "none*")], "matches no run folder"),
+        ([str(runs / "ea0"), str(runs / "ea0"), "--last-k", "0"], "--last-k: expected"),
+    ]:
+        assert main(["--report", *args]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_different_protocols_are_separate_groups_and_not_compared(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "a0", "external", 0, [10.0], protocol="studiogan2021")
+    write_run(runs / "b0", "self", 0, [12.0], protocol="standard")
+    config_b = yaml.safe_load((runs / "b0" / "config.yaml").read_text())
+    config_b["eval"]["protocol"] = "standard"
+    (runs / "b0" / "config.yaml").write_text(yaml.safe_dump(config_b))
+    out = tmp_path / "report"
+    assert main(["--report", str(runs), "--out", str(out)]) == 0
+    groups = [row["group"] for row in read_csv(out / "groups.csv")]
+    assert groups == ["attention=external, protocol=studiogan2021",
+                      "attention=self, protocol=standard"]
+    assert read_csv(out / "comparisons.csv") == []
+    assert "No two groups share a dataset" in (out / "report.md").read_text()
+
+
+def test_plots_are_written(synthetic_runs, tmp_path):
+    out = tmp_path / "report"
+    assert main(["--report", str(synthetic_runs / "ea"), str(synthetic_runs / "sa"),
+                 "--out", str(out)]) == 0
+    fid = np.asarray(Image.open(out / "fid_vs_step.png"))
+    gamma = np.asarray(Image.open(out / "gamma_vs_step.png"))
+    assert fid.shape[:2] == (450, 700)  # 7 x 4.5 inches at 100 dpi
+    assert gamma.shape[:2] == (400, 1000)  # one 5-inch panel per block: G and D
+    assert fid.std() > 0 and gamma.std() > 0
+    text = (out / "report.md").read_text()
+    assert "![FID against step](fid_vs_step.png)" in text
+    assert "![gamma against step](gamma_vs_step.png)" in text
+
+
+DEMO_TINY = ["--set", "train.total_steps=2", "--set", "train.batch_size=8",
+             "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
+             "--set", "model.memory_size=4", "--set", "eval.every=1",
+             "--set", "eval.num_samples=16", "--set", "eval.batch_size=16"]
+
+
+def test_end_to_end_on_the_digits_demo(tmp_path, standin_weights, monkeypatch, capsys):
+    """Two attention kinds x 2 seeds of the demo at its tiny widths, evaluated every step with
+    stand-in Inception weights, then --report on the four runs with the class accuracy."""
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(
+        OSError("network disabled in tests")))
+    real_reference_set = evaluation.reference_set
+
+    def first_16_references(config):  # 16 held-out digits keep Inception's share small
+        images, name, protocol = real_reference_set(config)
+        return images[:16], name, protocol
+
+    monkeypatch.setattr(evaluation, "reference_set", first_16_references)
+    quick = [*DEMO_TINY, "--set", f"eval.cache_dir={tmp_path / 'cache'}",
+             "--inception-weights", str(standin_weights), "--no-progress"]
+    for kind in ("none", "external"):
+        assert main(["-c", str(REPO / "configs" / "demo_digits.yaml"), "--train", "--seeds", "0,1",
+                     "--run-dir", str(tmp_path / "runs" / kind), "--set",
+                     f"model.attention={kind}", *quick]) == 0
+    capsys.readouterr()
+    out = tmp_path / "report"
+    assert main(["--report", str(tmp_path / "runs" / "*"), "--out", str(out),
+                 "--class-accuracy"]) == 0
+    printed = capsys.readouterr().out
+    assert "Stand-in Inception weights" in printed
+    groups = {row["group"]: row for row in read_csv(out / "groups.csv")}
+    assert set(groups) == {"attention=external", "attention=none"}
+    runs = read_csv(out / "runs.csv")
+    assert sorted((row["group"], row["seed"], row["evaluations"]) for row in runs) == [
+        ("attention=external", "0", "2"), ("attention=external", "1", "2"),
+        ("attention=none", "0", "2"), ("attention=none", "1", "2")]
+    for row in runs:
+        stats = [json.loads(line) for line in
+                 open(f"{row['run']}/stats.jsonl").read().splitlines()]
+        fids = [line["Metrics/fid"] for line in stats if "Metrics/fid" in line]
+        assert float(row["best FID"]) == pytest.approx(min(fids), abs=1e-3)
+        assert 0.0 <= float(row["class accuracy"]) <= 1.0
+        assert {line["Eval/num_samples"] for line in stats if "Eval/protocol" in line} == {16}
+    comparisons = {row["measure"]: row for row in read_csv(out / "comparisons.csv")}
+    assert set(comparisons) == {"best FID", "last FID", "mean of last 3 FID", "class accuracy"}
+    assert (out / "gamma_vs_step.png").is_file() and (out / "fid_vs_step.png").is_file()
+
+
+def test_modes_other_than_report_still_need_a_config(capsys):
+    assert main(["--train"]) == 2
+    assert "--train, --eval and --sample need -c CONFIG" in capsys.readouterr().err
