@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write a latent interpolation grid")
     parser.add_argument("--attention", action="store_true",
                         help="also write attention-map figures")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="device for every mode (default: the config's train.device, auto: "
+                             "CUDA when present)")
     parser.add_argument("--no-progress", action="store_true", help="no banner or progress bars")
     return parser
 
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if args.run_dir:
             overrides.append(f"run_dir={args.run_dir}")
+        if args.device:
+            overrides.append(f"train.device={args.device}")
         if args.protocol:
             overrides.append(f"eval.protocol={args.protocol}")
         if args.inception_weights:
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.eval:
                 overrides.append(f"eval.num_samples={args.num_samples}")
         config = load_config(args.config, overrides)
+        resolve_device(config.train.device)  # an impossible device stops every mode here
         if args.train:
             return _train(config, args)
         if args.ckpt is None:
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                             "(a checkpoint file or a run folder)")
         if args.eval:
             return _evaluate(config, args)
-        return _sample(args)
+        return _sample(config, args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -115,10 +121,10 @@ def _evaluate(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace) -> int:
+def _sample(config: Config, args: argparse.Namespace) -> int:
     """A class grid, N images as .npz and, on request, interpolation and attention figures."""
     path = resolve_checkpoint_arg(args.ckpt)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(config.train.device)
     sampler = load_generator(path, ema=not args.raw, device=device)
     if args.attention and not isinstance(sampler.generator.attention, GatedAttention2d):
         raise UserError(f"{path}: --attention: this generator has no attention block")

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from eagan.config import Config
 from eagan.data import SPLITS, load_images
+from eagan.distributed import resolve_device
 from eagan.errors import UserError
 from eagan.files import atomic_output
 from eagan.metrics import (Inception, Protocol, evaluate_generator, format_results_table,
@@ -59,7 +60,7 @@ def evaluate_checkpoint(config: Config, path: Path, use_ema: bool = True,
                         show_progress: bool = True) -> dict[str, Any]:
     """FID and IS of a checkpoint's generator; prints a table and writes
     ``<checkpoint>-eval-<protocol>.json`` beside the checkpoint."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(config.train.device)
     sampled = load_generator(path, ema=use_ema and config.eval.use_ema, device=device)
     for key in ("dataset", "image_size"):
         trained, given = getattr(sampled.config.data, key), getattr(config.data, key)
