@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -308,3 +309,34 @@ def test_resume_is_exact_on_cuda_with_deterministic_algorithms(tiny_config_path,
         for index, state in a[key]["state"].items():
             for name, value in state.items():
                 assert torch.equal(value, b[key]["state"][index][name]), (key, index, name)
+
+
+def test_gpu_check_cpu_smoke_runs_its_sections_and_writes_json(tmp_path):
+    # The reduced CPU run of benchmarks/gpu_check.py, three of its sections (the FID and the
+    # other recipes take minutes on 2 busy cores): pytest's CUDA tests read back from JUnit
+    # XML, one throughput row from train_throughput.py, attention_cost.py's verdicts.
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--only", "tests",
+         "throughput", "attention", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows, commands = report["rows"], report["commands"]
+    assert {row["section"] for row in rows} == {"tests", "throughput", "attention"}
+    tests = [row for row in rows if row["section"] == "tests"]
+    # Every CUDA-marked test of this module is listed, and here each skips for want of CUDA.
+    marked = [name for name, value in globals().items()
+              if name.startswith("test_") and any(m.name == "cuda"
+                                                   for m in getattr(value, "pytestmark", []))]
+    assert sorted(row["check"].split("[")[0] for row in tests) == sorted(
+        [name for name in marked for _ in range(2 if name.startswith("test_compiled") else 1)])
+    assert all(row["status"] == "SKIP" and "needs CUDA" in row["result"] for row in tests)
+    throughput = next(row for row in rows if row["section"] == "throughput")
+    assert throughput["details"]["iterations_per_s"] > 0
+    assert throughput["details"]["peak_memory_mib"] > 0
+    assert any(row["check"].startswith("goal 2, 16x16") for row in rows)
+    # Each row names the command it came from, and every command is printed with the table.
+    assert all(0 <= row["command"] < len(commands) for row in rows)
+    assert all(command in done.stdout for command in commands)
