@@ -184,19 +184,33 @@ class ExternalAttention2d(GatedAttention2d):
         logits = self.memory_key(queries.transpose(2, 3))  # (B, heads, N, S)
         return double_normalise(logits, token_dim=2).transpose(2, 3)
 
-    def attend(self, x: Tensor) -> Tensor:
+    def _folded_output(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        """(W_o M_v) applied to the attention weights, times ``gate`` when given."""
         weights = self._weights(x)  # (B, heads, S, N)
+        channels = x.shape[1]
+        out_weight = self.out.weight.view(channels, self.heads, -1)  # (C, heads, C/heads)
+        values = self._folded_weights(out_weight.transpose(0, 1),
+                                      self.memory_value.weight)  # (heads, C, S)
+        values = values.transpose(0, 1).reshape(channels, -1, 1, 1)  # (C, heads*S, 1, 1)
+        bias = self.out.bias
+        if gate is not None:
+            values, bias = gate * values, gate * bias
+        weights = weights.reshape(x.shape[0], -1, *x.shape[-2:])  # (B, heads*S, H, W)
+        return F.conv2d(weights, values, bias)
+
+    def attend(self, x: Tensor) -> Tensor:
         if self.fold_projections:
-            channels = x.shape[1]
-            out_weight = self.out.weight.view(channels, self.heads, -1)  # (C, heads, C/heads)
-            values = self._folded_weights(out_weight.transpose(0, 1),
-                                          self.memory_value.weight)  # (heads, C, S)
-            values = values.transpose(0, 1).reshape(channels, -1, 1, 1)  # (C, heads*S, 1, 1)
-            weights = weights.reshape(x.shape[0], -1, *x.shape[-2:])  # (B, heads*S, H, W)
-            return F.conv2d(weights, values, self.out.bias)
-        out = self.memory_value(weights.transpose(2, 3))  # (B, heads, N, C/heads)
+            return self._folded_output(x)
+        out = self.memory_value(self._weights(x).transpose(2, 3))  # (B, heads, N, C/heads)
         out = out.transpose(2, 3).reshape(x.shape)  # (B, C, H, W)
         return self.out(out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fold_projections:
+            return super().forward(x)
+        # gamma scales the folded C x S matrix rather than a C-wide map: neither attend(x) nor
+        # gamma * attend(x) is kept for the backward pass.
+        return x + self._folded_output(x, gate=self.gamma)
 
     def attention_map(self, x: Tensor) -> Tensor:
         """Each memory unit's share of every pixel, averaged over heads: (B, S, H, W) in [0, 1]."""

@@ -515,16 +515,15 @@ def reference_efficient_attend(block: EfficientAttention2d, x: Tensor) -> Tensor
     return block.reprojection(out.reshape(x.shape[0], -1, *x.shape[-2:]))
 
 
-def gated_step(block: nn.Module, attend: Callable[[nn.Module, Tensor], Tensor], x: Tensor,
+def gated_step(block: nn.Module, forward: Callable[[nn.Module, Tensor], Tensor], x: Tensor,
                grad_out: Tensor, bf16: bool) -> dict[str, Tensor]:
     """One training-mode forward (a power iteration per weight) and backward of the gated block
-    with gamma = 1: the attention output, and the gradients of x and of every parameter."""
+    (gamma is 1): out - x, the gradients of x and of every parameter, and SN's u and v."""
     x = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        attended = attend(block, x)
-        out = x + block.gamma * attended
+        out = forward(block, x)
     out.float().backward(grad_out)
-    results = {"attend": attended.detach().float(), "x.grad": x.grad}
+    results = {"attend": (out - x).detach().float(), "x.grad": x.grad}
     results.update({f"{name}.grad": param.grad for name, param in block.named_parameters()})
     results.update({name: buffer for name, buffer in block.named_buffers()})  # SN's u and v
     return results
@@ -548,11 +547,15 @@ def random_block(kind: str, channels: int, memory_size: int, heads: int) -> nn.M
 
 
 def assert_orders_agree(kind: str, block: nn.Module, side: int, bf16: bool) -> None:
-    reference = {"external": reference_external_attend, "efficient": reference_efficient_attend}
+    attend = {"external": reference_external_attend, "efficient": reference_efficient_attend}[kind]
+
+    def reference(old_block: nn.Module, x: Tensor) -> Tensor:
+        return x + old_block.gamma * attend(old_block, x)
+
     x = torch.randn(2, block_channels(block), side, side)
     grad_out = torch.randn_like(x)
-    new = gated_step(copy.deepcopy(block), lambda b, t: b.attend(t), x, grad_out, bf16)
-    old = gated_step(copy.deepcopy(block), reference[kind], x, grad_out, bf16)
+    new = gated_step(copy.deepcopy(block), lambda new_block, t: new_block(t), x, grad_out, bf16)
+    old = gated_step(copy.deepcopy(block), reference, x, grad_out, bf16)
     assert new.keys() == old.keys()
     if not bf16:
         # float32 round-off: 5e-5 of each tensor's scale, about 400 float32 epsilons for sums over
@@ -565,7 +568,7 @@ def assert_orders_agree(kind: str, block: nn.Module, side: int, bf16: bool) -> N
     # Under bf16 autocast both orders round; neither is the truth. Both are compared with the
     # float32 result: the folded order may not be more than twice as far from it as the old
     # order, plus one bf16 rounding (2^-8) of the tensor's scale.
-    exact = gated_step(copy.deepcopy(block), reference[kind], x, grad_out, bf16=False)
+    exact = gated_step(copy.deepcopy(block), reference, x, grad_out, bf16=False)
     for name in exact:
         size = scale(exact, name, grad_out)
         new_error = (new[name] - exact[name]).abs().max().item()
