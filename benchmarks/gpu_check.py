@@ -284,9 +284,9 @@ def run_throughput(runner: Runner, settings: Settings, section: str, config: str
 
 def run_check(settings: Settings, sections: list[str], budget_s: float, work: Path
               ) -> tuple[list[Row], list[str]]:
-    data = make_data(work, settings)
     env = {**os.environ, "TORCH_HOME": str(work / "torch_home"), "PYTHONPATH": str(REPO)}
-    runner = Runner(budget_s, env)
+    runner = Runner(budget_s, env)  # the budget counts from here, data included
+    data = make_data(work, settings)
     python = sys.executable
     if "tests" in sections:
         junit = work / "cuda_tests.xml"
