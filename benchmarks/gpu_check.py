@@ -69,6 +69,9 @@ class Settings:
     modes: tuple[str, ...]
     attention_args: list[str]
     recipe_overrides: list[str] = field(default_factory=list)  # smaller networks in the smoke
+    # Fill the reference-statistics cache in an untimed evaluation first. The smoke run skips
+    # it: on CPU each evaluation spends most of its time in the 2048 x 2048 matrix square root.
+    fill_cache_first: bool = True
     test_timeout_s: int = 360
 
 
@@ -94,7 +97,7 @@ CPU_SMOKE_SETTINGS = Settings(
                     "--repeats", "1", "--threads", "1"],
     recipe_overrides=["model.g_base_channels=4", "model.d_base_channels=4", "model.z_dim=16",
                       "train.batch_size=8", "train.n_dis=1"],
-    test_timeout_s=120)
+    fill_cache_first=False, test_timeout_s=120)
 
 
 @dataclass
@@ -222,7 +225,8 @@ def fid_rows(eval_json: Path, settings: Settings
         status = "INFO"
         if settings.device == "cuda":
             status = "PASS" if seconds < FID_GOAL_S else "FAIL"
-        return [Row("fid", f"FID on {result['num_samples']} samples, cached reference", status,
+        cached = ", cached reference" if settings.fill_cache_first else ""
+        return [Row("fid", f"FID on {result['num_samples']} samples{cached}", status,
                     f"{seconds:.1f} s end to end ({result['elapsed_s']:.1f} s in the metric; "
                     f"goal < {FID_GOAL_S:.0f} s on CUDA), FID {result['fid']:.2f}", seconds,
                     index, details)]
@@ -321,7 +325,8 @@ def run_check(settings: Settings, sections: list[str], budget_s: float, work: Pa
             "eval.every=0"], 180, ignore_output("fid", "one training step for a checkpoint"))
         if trained[0].status == "PASS":
             cached = runner.run("fid", "reference statistics into the cache", evaluate, 240,
-                                ignore_output("fid", "reference statistics into the cache"))
+                                ignore_output("fid", "reference statistics into the cache")) \
+                if settings.fill_cache_first else trained
             if cached[0].status == "PASS":
                 runner.run("fid", "FID", evaluate, 240,
                            fid_rows(run_dir / "ckpt-0000001-eval-studiogan2021.json", settings))
