@@ -4,8 +4,8 @@ attention (Shen et al., WACV 2021) on square feature maps.
 
 It checks two goals and prints a PASS/MISS line for each:
 1. external attention's cost grows linearly with the number of pixels N;
-2. at 64x64 and above, external attention costs at most a quarter of self-attention's time and
-   peak memory.
+2. external attention costs at most half of self-attention's time and peak memory at 16x16 and
+   32x32, and at most a quarter at 64x64 and above (forward + backward, same run).
 
     python benchmarks/attention_cost.py [--json] [--device cpu|cuda] [--batch N] [--repeats R]
         [--sizes 16 32 64 128] [--channels 128 256] [--plot PATH] [--threads T]
@@ -36,8 +36,9 @@ from eagan.attention import build_attention  # noqa: E402
 
 KINDS = ("self", "external", "efficient")
 MEMORY_SIZE = 64  # S, the paper's best
-GOAL_SIDE = 64  # goal 2 applies from this map side up
-GOAL_RATIO = 0.25
+# Goal 2: the largest external/self ratio allowed, by map side (from 16x16 up).
+GOAL_MIN_SIDE = 16
+GOAL_SMALL_RATIO, GOAL_LARGE_RATIO, GOAL_LARGE_SIDE = 0.5, 0.25, 64
 # Goal 1 reads the log-log slope of cost against N over maps of at least SLOPE_MIN_SIDE (below it
 # a fixed per-call overhead flattens the curve, which would flatter the slope).
 SLOPE_MIN_SIDE = 32
@@ -178,38 +179,48 @@ def peak_memory_mib(reset: Callable[[], None], step: Callable[[], None],
     return peak / 2**20
 
 
-def median_ms(reset: Callable[[], None], step: Callable[[], None], device: torch.device,
-              repeats: int) -> float:
-    times = []
+def timed_ms(reset: Callable[[], None], step: Callable[[], None], device: torch.device) -> float:
+    reset()
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure_size(side: int, channels: int, batch: int, repeats: int,
+                 device: torch.device) -> list[Result]:
+    """Every kind at one size. The timed steps take turns between the kinds (self, external,
+    efficient, self, ...), so a load that comes and goes on a shared machine slows all alike and
+    the ratios to self-attention stay fair."""
+    results, steps = [], {}
+    for kind in KINDS:
+        log(f"  {kind} {side}x{side} C={channels}")
+        result = Result(kind, side, channels, batch)
+        results.append(result)
+        need, free = estimated_bytes(kind, side, channels, batch), available_bytes(device)
+        if need > MEMORY_HEADROOM * free:
+            result.skipped = (f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free "
+                              f"on {device.type}")
+            continue
+        torch.manual_seed(0)
+        block = build_attention(kind, channels, memory_size=MEMORY_SIZE).to(device)
+        with torch.no_grad():
+            block.gamma.fill_(1.0)  # as in training once the block is in use
+        x = torch.randn(batch, channels, side, side, device=device, requires_grad=True)
+        reset, step = make_step(block, x, torch.randn_like(x))
+        # FLOPs are deterministic, so their counting run doubles as the warm-up.
+        result.gflop = count_gflop(reset, step)
+        result.memory_mib = peak_memory_mib(reset, step, device)
+        steps[kind] = reset, step
+    times = {kind: [] for kind in steps}
     for _ in range(repeats):
-        reset()
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def measure(kind: str, side: int, channels: int, batch: int, repeats: int,
-            device: torch.device) -> Result:
-    result = Result(kind, side, channels, batch)
-    need, free = estimated_bytes(kind, side, channels, batch), available_bytes(device)
-    if need > MEMORY_HEADROOM * free:
-        result.skipped = (f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on "
-                          f"{device.type}")
-        return result
-    torch.manual_seed(0)
-    block = build_attention(kind, channels, memory_size=MEMORY_SIZE).to(device)
-    with torch.no_grad():
-        block.gamma.fill_(1.0)  # as in training once the block is in use
-    x = torch.randn(batch, channels, side, side, device=device, requires_grad=True)
-    reset, step = make_step(block, x, torch.randn_like(x))
-    # FLOPs are deterministic, so their counting run doubles as the warm-up.
-    result.gflop = count_gflop(reset, step)
-    result.memory_mib = peak_memory_mib(reset, step, device)
-    result.time_ms = median_ms(reset, step, device, repeats)
-    return result
+        for kind, (reset, step) in steps.items():
+            times[kind].append(timed_ms(reset, step, device))
+    for result in results:
+        if result.kind in times:
+            result.time_ms = statistics.median(times[result.kind])
+    return results
 
 
 def slope(results: list[Result], value: str) -> float | None:
@@ -251,15 +262,17 @@ def verdicts(results: list[Result], sizes: list[int], channels_list: list[int],
             lines.append(f"NOT MEASURED  goal 1, C={channels}: needs two sizes >= "
                          f"{SLOPE_MIN_SIDE}x{SLOPE_MIN_SIDE}")
             continue
-        # Growth of FLOPs from one size to the next, divided by the growth of the pixel count.
-        steps = [b.gflop / a.gflop / (b.pixels / a.pixels) for a, b in zip(series, series[1:])]
+        # FLOPs are a + b N: the folded block multiplies its weights once per step (a). The
+        # FLOPs each added pixel costs, from one size to the next, relative to the first step.
+        marginal = [(b.gflop - a.gflop) / (b.pixels - a.pixels) for a, b in zip(series, series[1:])]
+        steps = [share / marginal[0] for share in marginal]
         exact = all(abs(share - 1) < 1e-3 for share in steps)
         counted = exact and slopes["memory_mib"] <= LINEAR_SLOPE_MAX
         lines.append(
             f"{'PASS' if counted else 'MISS'}  goal 1 (FLOPs, memory), C={channels}: external "
-            f"FLOPs per pixel {'constant' if exact else 'NOT constant'} across sizes (ratios "
-            f"{', '.join(f'{share:.3f}' for share in steps)}); memory log-log slope vs pixels "
-            f"{slopes['memory_mib']:.2f} (linear: <= {LINEAR_SLOPE_MAX})")
+            f"FLOPs per added pixel {'constant' if exact else 'NOT constant'} across sizes "
+            f"(ratios {', '.join(f'{share:.3f}' for share in steps)}); memory log-log slope vs "
+            f"pixels {slopes['memory_mib']:.2f} (linear: <= {LINEAR_SLOPE_MAX})")
         timed = slopes["time_ms"] <= LINEAR_SLOPE_MAX
         self_note = f"; self-attention {self_time:.2f}" if self_time else ""
         lines.append(
@@ -267,8 +280,9 @@ def verdicts(results: list[Result], sizes: list[int], channels_list: list[int],
             f"slope vs pixels {slopes['time_ms']:.2f} (linear: <= {LINEAR_SLOPE_MAX}){self_note}"
             f"{timed_note}")
     for side in sizes:
-        if side < GOAL_SIDE:
+        if side < GOAL_MIN_SIDE:
             continue
+        goal = GOAL_LARGE_RATIO if side >= GOAL_LARGE_SIDE else GOAL_SMALL_RATIO
         for channels in channels_list:
             time_ratio = ratio(results, "external", side, channels, "time_ms")
             memory_ratio = ratio(results, "external", side, channels, "memory_mib")
@@ -276,9 +290,9 @@ def verdicts(results: list[Result], sizes: list[int], channels_list: list[int],
             if time_ratio is None or memory_ratio is None:
                 lines.append(f"NOT MEASURED  {where}: a configuration was skipped")
                 continue
-            met = time_ratio <= GOAL_RATIO and memory_ratio <= GOAL_RATIO
+            met = time_ratio <= goal and memory_ratio <= goal
             lines.append(f"{'PASS' if met else 'MISS'}  {where}: external/self time "
-                         f"{time_ratio:.3f}, memory {memory_ratio:.3f} (goal <= {GOAL_RATIO})"
+                         f"{time_ratio:.3f}, memory {memory_ratio:.3f} (goal <= {goal})"
                          f"{timed_note}")
     return lines
 
@@ -334,14 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     log(f"device {device.type}, batch {args.batch}, repeats {args.repeats} (median), "
         f"threads {torch.get_num_threads()}, S={MEMORY_SIZE}")
-    load_before = os.getloadavg()[0]
+    loads = {"before": os.getloadavg()}
     results = []
     for side in args.sizes:
         for channels in args.channels:
-            for kind in KINDS:
-                log(f"  {kind} {side}x{side} C={channels}")
-                results.append(measure(kind, side, channels, args.batch, args.repeats, device))
-    load, cpus = max(load_before, os.getloadavg()[0]), os.cpu_count()
+            results += measure_size(side, channels, args.batch, args.repeats, device)
+    loads["after"] = os.getloadavg()
+    load, cpus = max(loads["before"][0], loads["after"][0]), os.cpu_count()
     # Our own threads can load every core; more means other jobs stalled them, and the times
     # then measure the contention.
     busy = device.type == "cpu" and load > cpus + 0.5
@@ -355,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({
             "device": device.type, "batch": args.batch, "repeats": args.repeats,
+            "threads": torch.get_num_threads(), "load_average": loads,
             "memory_size": MEMORY_SIZE, "memory_method": MEMORY_METHODS[device.type],
             "results": [asdict(r) for r in results], "verdicts": lines,
             "plot": str(args.plot) if measured else None,
@@ -362,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"device {device.type}, batch {args.batch}, median of {args.repeats} timed steps after "
           f"a warm-up, S={MEMORY_SIZE}; 'x self' = ratio to self-attention at the same size and C")
+    print(f"threads {torch.get_num_threads()}; load average (1, 5, 15 min) before "
+          f"{' '.join(f'{x:.2f}' for x in loads['before'])}, after "
+          f"{' '.join(f'{x:.2f}' for x in loads['after'])} on {cpus} CPUs")
     print(f"peak memory: {MEMORY_METHODS[device.type]}")
     print("GFLOP: torch.utils.flop_counter.FlopCounterMode, forward+backward of the batch")
     print(format_table(results))

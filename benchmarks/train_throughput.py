@@ -57,6 +57,7 @@ class Report:
     settings: dict[str, object]
     steps: int
     warmup: int
+    warmup_s: float  # the warm-up steps, compilation included
     ms_per_step: dict[str, float]  # mean per G step; logging amortised over log_every steps
     ms_per_log_tick: float
     step_ms_median: float
@@ -213,7 +214,11 @@ def measure(config: Config, config_path: Path, device: torch.device, steps: int,
         tracker = Tracker(Path(run_dir))
         progress = tqdm(total=warmup + 2 * steps, file=devnull, dynamic_ncols=True)
         try:
+            warmup_start = time.perf_counter()
             run_steps(setup, config, 0, warmup, None, tracker, progress)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            warmup_s = time.perf_counter() - warmup_start
             free_running = None
             if device.type == "cuda":
                 # Per-phase synchronisation stalls the queue: measure iterations/s without it.
@@ -255,6 +260,7 @@ def measure(config: Config, config_path: Path, device: torch.device, steps: int,
     report = Report(
         config=str(config_path), device=str(device), threads=torch.get_num_threads(),
         load_average=os.getloadavg(), settings=settings, steps=steps, warmup=warmup,
+        warmup_s=warmup_s,
         ms_per_step=ms, ms_per_log_tick=ms_per_tick,
         step_ms_median=1e3 * statistics.median(iteration_times), iterations_per_s=iterations,
         images_per_s=iterations * tc.batch_size * tc.n_dis,

@@ -135,43 +135,98 @@ class ExternalAttention2d(GatedAttention2d):
     """External attention for feature maps: 1x1 query conv, memories M_k and M_v shared by the
     heads, double normalisation, 1x1 output conv, all spectral-normed like every other layer of
     SAGAN. M_k and M_v are two independent parameters (the official code ties them through a
-    transposed view, which `.to()` or a deepcopy silently unties)."""
+    transposed view, which `.to()` or a deepcopy silently unties).
+
+    Nothing nonlinear sits between the query conv and M_k, nor between M_v and the output conv,
+    so the block can run re-associated: M_k W_q (S x C per head) and W_o M_v (C x S per head) are
+    multiplied once per forward from the normalised weights and applied to the pixels, costing
+    2 N C S heads multiply-accumulates per sample instead of 2 N (C^2 + C S). The parameters,
+    their spectral norms (each weight is read once per forward, so one power iteration each, as
+    before) and the state_dict are the same either way; ``fold_projections`` records which order
+    this block uses, chosen from its shape.
+    """
 
     def __init__(self, channels: int, memory_size: int = 64, heads: int = 1) -> None:
         super().__init__()
         if channels % heads:
             raise ValueError(f"channels={channels} is not divisible by heads={heads}")
         self.heads = heads
+        self.memory_size = memory_size
         head_dim = channels // heads
-        # No bias: a per-channel constant before the softmax over pixels cancels out.
+        # No bias: a per-channel constant before the softmax over pixels cancels out (and the
+        # folded order below relies on there being none).
         self.query = sn_conv2d(channels, channels, 1, bias=False)
         self.memory_key = sn(nn.Linear(head_dim, memory_size, bias=False))  # M_k
         self.memory_value = sn(nn.Linear(memory_size, head_dim, bias=False))  # M_v
         self.out = sn_conv2d(channels, channels, 1)
+        # Per pixel and per half of the block: heads*S*C folded against C^2 + S*C unfolded. The
+        # weight products themselves (S*C^2, once per forward) are left out: they do not grow
+        # with batch or pixels.
+        self.fold_projections = heads * memory_size * channels < channels * (channels + memory_size)
+
+    def _folded_weights(self, first: Tensor, second: Tensor) -> Tensor:
+        """A product of two weights in their own dtype: under autocast a bf16 product would
+        round the combined matrix once more than the unfolded order rounds its activations."""
+        with torch.autocast(device_type=first.device.type, enabled=False):
+            return first @ second
 
     def _weights(self, x: Tensor) -> Tensor:
+        """The double-normalised attention weights, (B, heads, S, N)."""
+        batch, channels = x.shape[:2]
+        if self.fold_projections:
+            query = self.query.weight.view(self.heads, channels // self.heads, channels)
+            keys = self._folded_weights(self.memory_key.weight, query)  # (heads, S, C)
+            logits = F.conv2d(x, keys.view(-1, channels, 1, 1)).flatten(2)  # (B, heads*S, N)
+            logits = logits.view(batch, self.heads, self.memory_size, -1)
+            return double_normalise(logits, token_dim=3, memory_dim=2)
         queries = self.query(x).flatten(2)  # (B, C, N)
-        batch, channels, num_pixels = queries.shape
-        queries = queries.view(batch, self.heads, channels // self.heads, num_pixels)
+        queries = queries.view(batch, self.heads, channels // self.heads, -1)
         logits = self.memory_key(queries.transpose(2, 3))  # (B, heads, N, S)
-        return double_normalise(logits, token_dim=2)
+        return double_normalise(logits, token_dim=2).transpose(2, 3)
+
+    def _folded_output(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        """(W_o M_v) applied to the attention weights, times ``gate`` when given."""
+        weights = self._weights(x)  # (B, heads, S, N)
+        channels = x.shape[1]
+        out_weight = self.out.weight.view(channels, self.heads, -1)  # (C, heads, C/heads)
+        values = self._folded_weights(out_weight.transpose(0, 1),
+                                      self.memory_value.weight)  # (heads, C, S)
+        values = values.transpose(0, 1).reshape(channels, -1, 1, 1)  # (C, heads*S, 1, 1)
+        bias = self.out.bias
+        if gate is not None:
+            values, bias = gate * values, gate * bias
+        weights = weights.reshape(x.shape[0], -1, *x.shape[-2:])  # (B, heads*S, H, W)
+        return F.conv2d(weights, values, bias)
 
     def attend(self, x: Tensor) -> Tensor:
-        attn = self._weights(x)  # (B, heads, N, S)
-        out = self.memory_value(attn)  # (B, heads, N, C/heads)
+        if self.fold_projections:
+            return self._folded_output(x)
+        out = self.memory_value(self._weights(x).transpose(2, 3))  # (B, heads, N, C/heads)
         out = out.transpose(2, 3).reshape(x.shape)  # (B, C, H, W)
         return self.out(out)
 
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fold_projections:
+            return super().forward(x)
+        # gamma scales the folded C x S matrix rather than a C-wide map: neither attend(x) nor
+        # gamma * attend(x) is kept for the backward pass.
+        return x + self._folded_output(x, gate=self.gamma)
+
     def attention_map(self, x: Tensor) -> Tensor:
         """Each memory unit's share of every pixel, averaged over heads: (B, S, H, W) in [0, 1]."""
-        weights = self._weights(x).mean(dim=1)  # (B, N, S)
-        return weights.transpose(1, 2).unflatten(-1, x.shape[-2:])
+        return self._weights(x).mean(dim=1).unflatten(-1, x.shape[-2:])
 
 
 class EfficientAttention2d(GatedAttention2d):
     """Efficient attention (Shen et al., WACV 2021): keys softmax over positions, queries softmax
     over the channels of each head, context K V^T per head, reprojection. Key width C/8 and value
-    width C/2 as in SAGAN's block, so the two compare like for like."""
+    width C/2 as in SAGAN's block, so the two compare like for like.
+
+    The value conv and the reprojection are linear, so where it is cheaper (``folds_values``) the
+    pixels are summed against x rather than against the values: context = (K x^T) W_v^T +
+    (K 1) b_v^T, and the reprojection meets the small (C/2 x C/8) context instead of every pixel.
+    Same parameters, same function.
+    """
 
     def __init__(self, channels: int, heads: int = 1) -> None:
         super().__init__()
@@ -186,6 +241,13 @@ class EfficientAttention2d(GatedAttention2d):
         self.values = sn_conv2d(channels, channels // 2, 1)
         self.reprojection = sn_conv2d(channels // 2, channels, 1)
 
+    def folds_values(self, channels: int, num_pixels: int) -> bool:
+        """Whether the folded order costs fewer multiply-accumulates per sample on N pixels."""
+        keys, values = channels // 8, channels // 2
+        unfolded = 2 * num_pixels * channels * values + 2 * num_pixels * keys * values // self.heads
+        folded = 2 * num_pixels * channels * keys + 2 * channels * keys * values // self.heads
+        return folded < unfolded
+
     def _split(self, features: Tensor) -> Tensor:
         batch, channels = features.shape[:2]
         return features.reshape(batch, self.heads, channels // self.heads, -1)  # (B, h, d, N)
@@ -193,10 +255,26 @@ class EfficientAttention2d(GatedAttention2d):
     def attend(self, x: Tensor) -> Tensor:
         keys = self._split(self.keys(x)).softmax(dim=-1)  # (B, h, dk, N)
         queries = self._split(self.queries(x)).softmax(dim=2)  # (B, h, dk, N)
+        batch, channels = x.shape[:2]
+        if self.folds_values(channels, keys.shape[-1]):
+            pooled = keys @ x.flatten(2).transpose(1, 2).unsqueeze(1)  # (B, h, dk, C)
+            value_weight = self.values.weight.view(self.heads, -1, channels)  # (h, dv, C)
+            reprojection = self.reprojection.weight.view(channels, self.heads, -1)  # (C, h, dv)
+            # Small products, no pixels: in float32 even under autocast, as a bf16 rounding here
+            # would be the same for every pixel and not average out over them.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                # Each key row sums to 1 only up to round-off, so its sum scales the bias.
+                context = (pooled.to(value_weight.dtype) @ value_weight.transpose(1, 2)
+                           + keys.sum(dim=-1, keepdim=True).to(value_weight.dtype)
+                           * self.values.bias.view(self.heads, 1, -1))  # (B, h, dk, dv)
+                mixed = reprojection.transpose(0, 1) @ context.transpose(2, 3)  # (B, h, C, dk)
+            mixed = mixed.transpose(1, 2).reshape(batch, channels, -1)  # (B, C, h*dk)
+            out = mixed @ queries.reshape(batch, -1, keys.shape[-1])  # (B, C, N)
+            return (out + self.reprojection.bias[:, None]).view(x.shape)
         values = self._split(self.values(x))  # (B, h, dv, N)
         context = keys @ values.transpose(2, 3)  # (B, h, dk, dv)
         out = context.transpose(2, 3) @ queries  # (B, h, dv, N)
-        out = out.reshape(x.shape[0], -1, *x.shape[-2:])  # (B, C/2, H, W)
+        out = out.reshape(batch, -1, *x.shape[-2:])  # (B, C/2, H, W)
         return self.reprojection(out)
 
     def attention_map(self, x: Tensor) -> Tensor:

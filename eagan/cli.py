@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 
-import torch
 
 from eagan.checkpoint import resolve_checkpoint_arg
 from eagan.config import Config, load_config
@@ -69,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write a latent interpolation grid")
     parser.add_argument("--attention", action="store_true",
                         help="also write attention-map figures")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="device for every mode (default: the config's train.device, auto: "
+                             "CUDA when present)")
     parser.add_argument("--no-progress", action="store_true", help="no banner or progress bars")
     return parser
 
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if args.run_dir:
             overrides.append(f"run_dir={args.run_dir}")
+        if args.device:
+            overrides.append(f"train.device={args.device}")
         if args.protocol:
             overrides.append(f"eval.protocol={args.protocol}")
         if args.inception_weights:
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.eval:
                 overrides.append(f"eval.num_samples={args.num_samples}")
         config = load_config(args.config, overrides)
+        resolve_device(config.train.device)  # an impossible device stops every mode here
         if args.train:
             return _train(config, args)
         if args.ckpt is None:
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                             "(a checkpoint file or a run folder)")
         if args.eval:
             return _evaluate(config, args, bn_modes)
-        return _sample(args)
+        return _sample(config, args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -157,12 +162,12 @@ def _evaluate(config: Config, args: argparse.Namespace, bn_modes: list[str] | No
     return 0
 
 
-def _sample(args: argparse.Namespace) -> int:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def _sample(config: Config, args: argparse.Namespace) -> int:
     written = write_samples(resolve_checkpoint_arg(args.ckpt), args.out or "samples",
                             ema=not args.raw, num_samples=args.num_samples or 1000,
                             seed=args.seed, bn=args.bn, interpolate=args.interpolate,
-                            attention=args.attention, device=device)
+                            attention=args.attention,
+                            device=resolve_device(config.train.device))
     for output in written:
         print(output)
     return 0

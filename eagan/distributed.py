@@ -31,9 +31,11 @@ class DistContext:
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """'auto' picks CUDA when present; 'cuda' without a GPU is a user error."""
+    """The device of every mode (train, eval, sample), from train.device or --device: 'auto'
+    picks CUDA when present; 'cuda' without a GPU is a user error."""
     if preference == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device: 'cuda' was asked for but no CUDA device is available")
+        raise UserError("train.device (or --device): 'cuda' was asked for but no CUDA device "
+                        "is available")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)

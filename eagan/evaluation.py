@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from eagan.config import Config
 from eagan.data import SPLITS, load_images
+from eagan.distributed import resolve_device
 from eagan.errors import UserError
 from eagan.files import atomic_output
 from eagan.metrics import (Protocol, evaluate_generator, format_results_table, load_inception,
@@ -82,7 +83,7 @@ def evaluate_checkpoint(config: Config, path: Path, use_ema: bool = True,
     the protocol's), generated at the batch size it was trained with (see
     generation_batch_size); prints one table with a column per mode and writes
     ``<checkpoint>-eval-<protocol>-bn-<mode>.json`` beside the checkpoint for each."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(config.train.device)
     sampled = load_generator(path, ema=use_ema and config.eval.use_ema, device=device)
     for key in ("dataset", "image_size"):
         trained, given = getattr(sampled.config.data, key), getattr(config.data, key)
