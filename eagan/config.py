@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from eagan.attention import ATTENTION_KINDS
+from eagan.augment import parse_policy
 from eagan.errors import UserError
 from eagan.losses import LOSSES
 from eagan.models import TOPOLOGIES
@@ -75,6 +76,9 @@ class TrainConfig:
     aux_loss_weight: float = option(1.0, positive=True)  # with model.aux_classifier
     ema_decay: float = option(0.0, min=0.0, max=1.0)  # 0 keeps no EMA generator
     ema_start_step: int = option(0, min=0)
+    # DiffAugment policy for every image D sees, e.g. "color,translation,cutout"; "" is off
+    # (the recipe). Not in the paper; made for small training sets (eagan/augment.py).
+    augment: str = ""
     seed: int = option(0, min=0)
     # "auto": bf16 autocast on a GPU that supports it, else fp32. The paper configs say fp32.
     precision: str = option("auto", choices=("auto", "fp32", "bf16", "fp16"))
@@ -305,5 +309,9 @@ def _check_consistency(config: Config, source: str) -> None:
     if config.model.attention == "self" and config.model.heads != 1:
         raise UserError(f"{source}: model.heads: self-attention has a single head, "
                         f"got {config.model.heads}")
+    try:
+        parse_policy(config.train.augment)
+    except ValueError as error:
+        raise UserError(f"{source}: train.augment: {error}") from None
     if config.train.ema_start_step and not config.train.ema_decay:
         raise UserError(f"{source}: train.ema_start_step: set train.ema_decay > 0 to use an EMA")

@@ -355,15 +355,17 @@ def score_class_accuracy(runs: list[Run]) -> None:
     from eagan.data import load_images
 
     train = load_images("digits", "", "train", measure.DEMO_IMAGE_SIZE, download=False)
+    held_out = load_images("digits", "", "test", measure.DEMO_IMAGE_SIZE, download=False)
     classifier = measure.fit_classifier(train)
     real_spread = measure.class_spread(measure.to_native(train.images), train.labels.numpy(),
                                        10)
+    reference = measure.classifier_statistics(classifier, held_out.images)
     for run in digits:
         latest = ckpt.latest_checkpoint(run.path)
         if latest is None:
             raise UserError(f"{run.path}: --class-accuracy: the run holds no step checkpoint")
-        score = measure.score(latest, False, classifier, real_spread, CLASS_ACCURACY_PER_CLASS,
-                              0)
+        score = measure.score(latest, False, classifier, real_spread, reference,
+                              CLASS_ACCURACY_PER_CLASS, 0)
         run.class_score = (score.accuracy, score.spread)
 
 

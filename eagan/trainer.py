@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from eagan import checkpoint as ckpt
+from eagan.augment import DiffAugment
 from eagan.config import Config, config_differences, to_dict
 from eagan.data import (DeviceBatchSource, ImageFiles, ImageSet, LoaderBatchSource,
                         find_image_files, load_images, make_batch_source)
@@ -107,6 +108,8 @@ class StepOptions:
     nonfinite: str = "stop"
     # Weight of the auxiliary classifier's cross-entropy; 0: D has no classifier head.
     class_weight: float = 0.0
+    # Applied to every image D sees, real and fake, in D and G steps (train.augment).
+    augment: Callable[[Tensor], Tensor] = DiffAugment("")
 
     def layout(self, images: Tensor) -> Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last \
@@ -123,7 +126,7 @@ def discriminator_step(gan: GANModules, options: StepOptions, real: Tensor,
             fake = gan.g_forward(z, fake_labels)
         # One D forward over real and fake together: D has no batch norm, and DDP expects a
         # single forward per backward.
-        both = options.layout(torch.cat([real, fake.to(real.dtype)]))
+        both = options.layout(options.augment(torch.cat([real, fake.to(real.dtype)])))
         both_labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
         if options.class_weight:
             logits, class_logits = gan.d_update(both, both_labels, classify=True)
@@ -149,7 +152,7 @@ def generator_step(gan: GANModules, options: StepOptions, z: Tensor,
     gan.discriminator.requires_grad_(False)
     try:
         with options.autocast():
-            fake = options.layout(gan.g_update(z, fake_labels))
+            fake = options.layout(options.augment(gan.g_update(z, fake_labels)))
             losses = {}
             if options.class_weight:
                 logits, class_logits = gan.d_forward(fake, fake_labels, classify=True)
@@ -471,7 +474,7 @@ def build_gan(config: Config, num_classes: int, context: DistContext
                           autocast=functools.partial(_autocast, precision, device),
                           channels_last=tc.channels_last, nonfinite=tc.nonfinite,
                           class_weight=tc.aux_loss_weight if config.model.aux_classifier
-                          else 0.0)
+                          else 0.0, augment=DiffAugment(tc.augment))
     return gan, options, generator_ema
 
 
