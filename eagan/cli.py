@@ -10,8 +10,8 @@ import os
 import sys
 
 
-from eagan.checkpoint import resolve_checkpoint_arg
-from eagan.config import Config, load_config
+from eagan.checkpoint import load_checkpoint, resolve_checkpoint_arg
+from eagan.config import Config, apply_overrides, load_config
 from eagan.distributed import resolve_device
 from eagan.errors import UserError
 from eagan.sampling import BN_MODES, write_samples
@@ -29,7 +29,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="run.py", description="EAGAN: GANs with external attention.")
-    parser.add_argument("-c", "--config", help="YAML config file (all modes but --report)")
+    parser.add_argument("-c", "--config",
+                        help="YAML config file (needed by --train; --eval and --sample read "
+                             "the checkpoint's own when it is left out)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true", help="train (or --resume) a run")
     mode.add_argument("--eval", action="store_true", help="FID and IS of a checkpoint")
@@ -84,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             write_report(args.report, args.out, args.last_k, args.class_accuracy,
                          command="run.py " + " ".join(sys.argv[1:] if argv is None else argv))
             return 0
-        if args.config is None:
-            raise UserError("command line: --train, --eval and --sample need -c CONFIG "
-                            "(see --help)")
+        if args.config is None and args.train:
+            raise UserError("command line: --train needs -c CONFIG (see --help)")
+        if not args.train and args.ckpt is None:
+            raise UserError(f"--{'eval' if args.eval else 'sample'} needs --ckpt PATH "
+                            "(a checkpoint file or a run folder)")
         overrides = list(args.overrides)
         if args.run_dir:
             overrides.append(f"run_dir={args.run_dir}")
@@ -104,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--num-samples: expected a value > 0, got {args.num_samples}")
             if args.eval:
                 overrides.append(f"eval.num_samples={args.num_samples}")
-        config = load_config(args.config, overrides)
+        if args.config is not None:
+            config = load_config(args.config, overrides)
+        else:  # --eval or --sample from the checkpoint alone: the config stored in it
+            checkpoint = resolve_checkpoint_arg(args.ckpt)
+            config = apply_overrides(load_checkpoint(checkpoint)["config"], overrides,
+                                     source=f"{checkpoint} (stored config)")
         resolve_device(config.train.device)  # an impossible device stops every mode here
         if args.train:
             return _train(config, args)
-        if args.ckpt is None:
-            raise UserError(f"--{'eval' if args.eval else 'sample'} needs --ckpt PATH "
-                            "(a checkpoint file or a run folder)")
         if args.eval:
             return _evaluate(config, args, bn_modes)
         return _sample(config, args)

@@ -170,13 +170,19 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top level, "
                         f"got {type(raw).__name__}")
-    config = config_from_dict(raw, source=str(path))
-    for override in overrides:
-        # Validated one at a time, so an error names the override rather than the file.
-        _apply_override(raw, override)
-        config = config_from_dict(raw, source=f"--set {override}")
+    config = apply_overrides(raw, overrides, source=str(path))
     if config.run_dir is None:
         config.run_dir = str(Path("runs") / path.stem)
+    return config
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> Config:
+    """Validate ``raw`` (a YAML file's or a checkpoint's config), then apply each override,
+    validated one at a time so that an error names the override rather than the file."""
+    config = config_from_dict(raw, source=source)
+    for override in overrides:
+        _apply_override(raw, override)
+        config = config_from_dict(raw, source=f"--set {override}")
     return config
 
 

@@ -72,7 +72,8 @@ from torch_fidelity.utils import (
 )
 from tqdm import tqdm
 
-from eagan.errors import UserError
+from eagan.distributed import DistContext, gather_to_main
+from eagan.errors import UserError, first_line
 from eagan.files import atomic_output
 from eagan.sampling import BN_MODES, bn_mode, to_uint8
 
@@ -279,11 +280,6 @@ def _expected_shapes() -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:160]}" if text else type(error).__name__
-
-
 def _load_checked_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
     """The state dict in ``path`` (read with weights_only=True) after checking it is InceptionV3's
     2015-12-05 layout, and the file's sha256."""
@@ -340,7 +336,7 @@ def resolve_inception_weights(path: str | Path | None, progress: bool = True,
         try:  # writes a temporary file and renames it: a failed download leaves nothing behind
             torch.hub.download_url_to_file(url, str(hub_file), progress=progress)
         except OSError as error:  # URLError, timeouts and refused connections are all OSErrors
-            raise UserError(f"cannot download the Inception weights ({_first_line(error)}); put "
+            raise UserError(f"cannot download the Inception weights ({type(error).__name__}: {first_line(error)[:160]}); put "
                             f"{filename} (or {WEIGHTS_FILENAME} / {PYTORCH_FID_WEIGHTS_FILENAME}: "
                             f"the same file) at a path given by eval.inception_weights "
                             f"(--inception-weights) or in {hub_file.parent} "
@@ -741,9 +737,11 @@ def evaluate_generator(generator: nn.Module, inception: InceptionEngine, *,
             generator, share, generation_batch_size, seed + world_size + rank, progress=show)
     features = {"fid": fid_set[inception.fid_layer], "is": is_set[inception.is_layer]}
     if world_size > 1:
-        features = _gather_features(features, rank, world_size)
+        parts = gather_to_main(DistContext(rank, world_size, device),
+                               {name: values.cpu() for name, values in features.items()})
         if rank != 0:
             return None
+        features = {name: torch.cat([part[name] for part in parts]) for name in features}
     features = {name: values[:protocol.num_samples] for name, values in features.items()}
     reference_images = torch.as_tensor(reference_images)
     mu_ref, sigma_ref = reference_statistics(inception, reference_images, reference_name,
@@ -786,17 +784,6 @@ def evaluate_generator(generator: nn.Module, inception: InceptionEngine, *,
         "warnings": warnings,
         "elapsed_s": time.perf_counter() - start,
     }
-
-
-def _gather_features(features: dict[str, Tensor], rank: int, world_size: int
-                     ) -> dict[str, Tensor]:
-    """Every rank's features concatenated in rank order on rank 0 (others get their own)."""
-    mine = {name: values.cpu() for name, values in features.items()}
-    gathered = [None] * world_size if rank == 0 else None
-    torch.distributed.gather_object(mine, gathered, dst=0)
-    if rank != 0:
-        return mine
-    return {name: torch.cat([part[name] for part in gathered]) for name in mine}
 
 
 def _result_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -30,7 +30,7 @@ from eagan.config import Config, config_differences, to_dict
 from eagan.data import (DeviceBatchSource, ImageFiles, ImageSet, LoaderBatchSource,
                         find_image_files, load_images, make_batch_source)
 from eagan.distributed import DistContext, barrier, broadcast_flag, init_distributed, shutdown
-from eagan.errors import UserError
+from eagan.errors import UserError, first_line
 from eagan.factory import build_discriminator, build_generator
 from eagan.files import atomic_output, ensure_writable_dir, remove_stale_temporaries
 from eagan.losses import LOSSES
@@ -68,10 +68,9 @@ class EvaluationFailed(UserError):
     """Evaluation failed during training; the run saved a checkpoint at that step first."""
 
     def __init__(self, step: int, error: BaseException, saved: Path) -> None:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else \
-            type(error).__name__
-        super().__init__(f"step {step}: evaluation failed ({reason}); the run is saved in "
-                         f"{saved}: fix the cause and run the same command with --resume")
+        super().__init__(f"step {step}: evaluation failed ({first_line(error)}); the run is "
+                         f"saved in {saved}: fix the cause and run the same command with "
+                         f"--resume")
 
 
 @dataclass

@@ -55,6 +55,28 @@ def test_sample_writes_class_grid_npz_interpolation_and_attention(trained_run, t
     assert attention.shape == (2 + 8 * 34, 2 + 7 * 34, 3)
 
 
+def test_sample_and_eval_run_from_the_checkpoint_alone(trained_run, tmp_path, monkeypatch):
+    with_config, without = tmp_path / "with", tmp_path / "without"
+    assert run_cli("-c", trained_run.parent / "tiny.yaml", "--sample", "--ckpt", trained_run,
+                   "--out", with_config, "--num-samples", 4) == 0
+    assert run_cli("--sample", "--ckpt", trained_run, "--out", without, "--num-samples", 4) == 0
+    for name in ("run-step4-grid.png", "run-step4-samples.npz"):
+        assert (with_config / name).read_bytes() == (without / name).read_bytes()
+
+    seen = {}
+
+    def evaluate_checkpoint(config, path, **kwargs):
+        seen.update(config=config, path=path)
+
+    monkeypatch.setattr("eagan.evaluation.evaluate_checkpoint", evaluate_checkpoint)
+    assert run_cli("--eval", "--ckpt", trained_run, "--set", "eval.num_samples=8") == 0
+    stored = ckpt.load_checkpoint(seen["path"])["config"]
+    assert seen["path"] == trained_run / "ckpt-0000004.pt"
+    assert seen["config"].data.root == stored["data"]["root"]
+    assert seen["config"].model.attention == stored["model"]["attention"] == "external"
+    assert seen["config"].eval.num_samples == 8  # --set applies on top of the stored config
+
+
 def test_load_generator_samples_requested_classes(trained_run):
     sampler = eagan.load_generator(trained_run / "ckpt-0000004.pt")
     assert (sampler.step, sampler.num_classes, sampler.is_ema) == (4, 10, False)

@@ -18,6 +18,7 @@ from eagan.cli import main
 from eagan.config import load_config
 from eagan.errors import UserError
 from eagan.trainer import train
+from tests.fakedata import evaluation_result
 
 REPO = Path(__file__).resolve().parent.parent
 # In-process runs are compared bit for bit with subprocesses started with OMP_NUM_THREADS=1.
@@ -242,7 +243,7 @@ def test_full_disk_at_best_keeps_the_previous_best(tiny_config_path, tmp_path, m
                                                    capsys):
     def make_evaluator(config, device, show_progress=True):
         def evaluate(generator, step, rank=0, world_size=1):  # FID falls: every step is best
-            return {"fid": 100.0 - step, "is_mean": 1.0, "is_std": 0.0, "elapsed_s": 0.0}
+            return evaluation_result(100.0 - step)
         return evaluate
 
     monkeypatch.setattr("eagan.evaluation.make_training_evaluator", make_evaluator)

@@ -15,6 +15,7 @@ from eagan.losses import LOSSES, d_hinge_loss, g_hinge_loss
 from eagan.models import Discriminator, Generator
 from eagan.trainer import (GANModules, NonFiniteLoss, StepOptions, discriminator_step,
                            generator_step, resolve_precision, train)
+from tests.fakedata import evaluation_result
 
 
 def tiny_gan(attention: str = "external", seed: int = 0, aux_classifier: bool = False
@@ -350,10 +351,7 @@ def test_training_evaluates_the_generator_eval_use_ema_names(tiny_config_path, u
     def evaluate(generator, step, rank, world_size):
         # The EMA copy is the one G whose weights take no gradient.
         evaluated.append(next(generator.parameters()).requires_grad)
-        return {"fid": 1.0, "is_mean": 1.0, "is_std": 0.0, "elapsed_s": 0.0,
-                "protocol": "standard", "num_samples": 8, "reference": {"name": "fake-test"},
-                "bn_mode": "running", "ema": not evaluated[-1],
-                "inception": {"weights_sha256": "0" * 64}}
+        return evaluation_result(1.0, ema=not evaluated[-1])
 
     config = load_config(tiny_config_path, ["train.ema_decay=0.9", "eval.every=2",
                                             f"eval.use_ema={str(use_ema).lower()}"])
