@@ -173,10 +173,3 @@ def write_image_folder(root: Path, classes: list[str] | None, n_per_class: int, 
             Image.fromarray(class_image(label, size, rng)).save(folder / f"img_{i:05d}.png")
     return root
 
-
-def evaluation_result(fid: float, ema: bool = False) -> dict:
-    """What an evaluation hook returns, with made-up numbers, for tests of what the trainer
-    does with a result (logging, best.pt) rather than of the metrics."""
-    return {"fid": fid, "is_mean": 1.0, "is_std": 0.0, "elapsed_s": 0.0,
-            "protocol": "standard", "num_samples": 8, "reference": {"name": "fake-test"},
-            "bn_mode": "running", "ema": ema, "inception": {"weights_sha256": "0" * 64}}

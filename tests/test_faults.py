@@ -18,7 +18,7 @@ from eagan.cli import main
 from eagan.config import load_config
 from eagan.errors import UserError
 from eagan.trainer import train
-from tests.fakedata import evaluation_result
+from tests.helpers import assert_same_training_state, evaluation_result
 
 REPO = Path(__file__).resolve().parent.parent
 # In-process runs are compared bit for bit with subprocesses started with OMP_NUM_THREADS=1.
@@ -78,19 +78,6 @@ def kill_job(process: subprocess.Popen) -> None:
 def latest_step(run_dir: Path) -> int:
     found = ckpt.step_checkpoints(run_dir)
     return found[-1][0] if found else 0
-
-
-def assert_same_training_state(a: dict, b: dict) -> None:
-    """Networks and optimizer states bitwise equal."""
-    assert a["step"] == b["step"]
-    for network in ("generator", "discriminator"):
-        for name, value in a[network].items():
-            assert torch.equal(value, b[network][name]), f"{network}.{name}"
-    for optimizer in ("optimizer_g", "optimizer_d"):
-        for index, state in a[optimizer]["state"].items():
-            for name, value in state.items():
-                assert torch.equal(value, b[optimizer]["state"][index][name]), \
-                    f"{optimizer}[{index}].{name}"
 
 
 def test_sigkill_at_random_moments_same_command_ends_exact(tmp_path, tiny_config_path):

@@ -24,6 +24,7 @@ from eagan.cli import main
 from eagan.config import load_config
 from eagan.distributed import resolve_device
 from eagan.trainer import train
+from tests.helpers import assert_same_training_state
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
@@ -320,15 +321,8 @@ def test_resume_is_exact_on_cuda_with_deterministic_algorithms(tiny_config_path,
     record_property("nondeterministic_ops", json.dumps(sorted({
         str(w.message).split(" does not have a deterministic")[0] for w in caught
         if "deterministic" in str(w.message)})))
-    a = ckpt.load_checkpoint(ckpt.step_path(tmp_path / "straight", 4))
-    b = ckpt.load_checkpoint(ckpt.step_path(tmp_path / "halves", 4))
-    for key in ("generator", "discriminator"):
-        for name, value in a[key].items():
-            assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
-    for key in ("optimizer_g", "optimizer_d"):
-        for index, state in a[key]["state"].items():
-            for name, value in state.items():
-                assert torch.equal(value, b[key]["state"][index][name]), (key, index, name)
+    assert_same_training_state(ckpt.load_checkpoint(ckpt.step_path(tmp_path / "straight", 4)),
+                               ckpt.load_checkpoint(ckpt.step_path(tmp_path / "halves", 4)))
 
 
 def test_gpu_check_cpu_smoke_runs_its_sections_and_writes_json(tmp_path):
