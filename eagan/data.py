@@ -52,6 +52,9 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "folder": ("train",),
     "digits": ("train", "test"),
 }
+# The held-out split of the datasets whose splits are fixed (the reference of held-out
+# evaluation protocols); other datasets use "test" when they have one.
+HELD_OUT_SPLITS = {"cifar10": "test", "tiny_imagenet": "val"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR10_URL = CIFAR10.url
 CIFAR10_ARCHIVE = CIFAR10.filename  # cifar-10-python.tar.gz

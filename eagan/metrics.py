@@ -72,6 +72,7 @@ from torch_fidelity.utils import (
 )
 from tqdm import tqdm
 
+from eagan.data import HELD_OUT_SPLITS
 from eagan.distributed import DistContext, gather_to_main
 from eagan.errors import UserError, first_line
 from eagan.files import atomic_output
@@ -145,11 +146,6 @@ PROTOCOLS: dict[str, ProtocolPreset] = {
                     "training split, IS with 10 splits on the same 50k, BN running statistics, "
                     "uniform labels"),
 }
-
-# The held-out split of the datasets whose splits are fixed; other datasets use "test" when
-# they have one.
-HELD_OUT_SPLITS = {"cifar10": "test", "tiny_imagenet": "val"}
-
 
 def resolve_protocol(name: str, dataset: str, num_samples_override: int | None = None, *,
                      available_splits: Collection[str] = (),
