@@ -39,7 +39,7 @@ from eagan.checkpoint import load_checkpoint, step_checkpoints  # noqa: E402
 from eagan.data import ImageSet, load_images  # noqa: E402
 from eagan.errors import UserError  # noqa: E402
 from eagan.metrics import frechet_distance, gaussian_statistics  # noqa: E402
-from eagan.sampling import load_generator, to_uint8  # noqa: E402
+from eagan.sampling import generator_from_checkpoint, to_uint8  # noqa: E402
 
 DEMO_IMAGE_SIZE = 32
 NATIVE_SIZE = 8  # scikit-learn's digits
@@ -141,9 +141,9 @@ def passes(accuracy: float, per_class: list[float], spread: float) -> bool:
         and spread >= MIN_SPREAD
 
 
-def score(checkpoint: Path, use_ema: bool, classifier: SVC, real_spread: np.ndarray,
-          reference: Statistics, per_class: int, seed: int) -> Score:
-    generator = load_generator(checkpoint, ema=use_ema)
+def score(checkpoint: Path, payload: dict, use_ema: bool, classifier: SVC,
+          real_spread: np.ndarray, reference: Statistics, per_class: int, seed: int) -> Score:
+    generator = generator_from_checkpoint(payload, checkpoint, ema=use_ema)
     if generator.config.data.dataset != "digits" or generator.num_classes != 10:
         raise UserError(f"{checkpoint}: not a class-conditional digits checkpoint (dataset "
                         f"{generator.config.data.dataset!r}, {generator.num_classes} classes)")
@@ -174,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         real_frechet = classifier_frechet(classifier, train.images, reference)
         scores = []
         for checkpoint in checkpoints:
-            has_ema = load_checkpoint(checkpoint).get("generator_ema") is not None
+            payload = load_checkpoint(checkpoint)  # read (and warned about) once
+            has_ema = payload.get("generator_ema") is not None
             for use_ema in (False, True) if has_ema else (False,):
-                scores.append(score(checkpoint, use_ema, classifier, real_spread, reference,
-                                    args.per_class, args.seed))
+                scores.append(score(checkpoint, payload, use_ema, classifier, real_spread,
+                                    reference, args.per_class, args.seed))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from eagan.config import Config, load_config  # noqa: E402
 from eagan.errors import UserError  # noqa: E402
 from eagan.factory import build_generator  # noqa: E402
-from eagan.metrics import (IS_LAYER, PROTOCOLS, WEIGHTS_FILENAME, Inception,  # noqa: E402
+from eagan.metrics import (IS_LAYER, WEIGHTS_FILENAME, Inception,  # noqa: E402
                            UnconditionalSampler, bn_mode, inception_score_from_logits)
 from eagan.models import count_parameters  # noqa: E402
+from eagan.protocols import PROTOCOLS  # noqa: E402
 from eagan.sampling import load_generator  # noqa: E402
 
 # Our path runs torch-fidelity's own sampling loop, so the two should time alike; this much

@@ -33,9 +33,8 @@ from eagan.errors import UserError  # noqa: E402
 from eagan.models import count_parameters  # noqa: E402
 from eagan.tracking import Tracker  # noqa: E402
 from eagan.trainer import (GANModules, LatentSampler, LossMeans, StepOptions,  # noqa: E402
-                           build_gan, check_finite, discriminator_step, generator_step,
-                           open_training_data, resolve_precision, tick_statistics,
-                           update_ema)
+                           build_gan, check_finite, open_training_data, resolve_precision,
+                           tick_statistics, train_iteration, update_ema)
 
 OVERHEAD_GOAL = 0.05  # data + bookkeeping + logging, as a share of a step
 PHASES = ("data", "d_step", "g_step", "bookkeeping", "logging")
@@ -120,6 +119,10 @@ class PhaseClock:
         self.totals[phase] += elapsed
         return elapsed
 
+    def charged(self) -> float:
+        """Seconds charged to all phases so far."""
+        return sum(self.totals.values())
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -158,10 +161,10 @@ def build_like_trainer(config: Config, device: torch.device) -> Setup:
 def run_steps(setup: Setup, config: Config, first_step: int, count: int,
               clock: PhaseClock | None, tracker: Tracker, progress: tqdm
               ) -> tuple[list[float], list[float]]:
-    """Training iterations first_step + 1 .. first_step + count exactly as the trainer's loop
-    runs them (n_dis D updates, one G update, the non-finite check, EMA, loss sums, progress
-    bar, a log tick every log_every steps and at the last one); with a clock, each part is
-    charged to its phase. Returns the seconds of each iteration without its log tick, and of
+    """Training iterations first_step + 1 .. first_step + count as the trainer's loop runs
+    them (its train_iteration: n_dis D updates and one G update; then the non-finite check,
+    EMA, progress bar, a log tick every log_every steps and at the last one); with a clock,
+    each part is charged to its phase. Returns the seconds of each iteration without its log tick, and of
     each log tick."""
     tc, gan, options = config.train, setup.gan, setup.options
     device = setup.latents.device
@@ -171,32 +174,18 @@ def run_steps(setup: Setup, config: Config, first_step: int, count: int,
     iteration_times, tick_times = [], []
     while step < last_step:
         clock.start()
-        d_bad = torch.zeros((), dtype=torch.bool, device=device)
-        iteration = clock.lap("bookkeeping")
-        for _ in range(tc.n_dis):
-            real, real_labels = setup.batches.next()
-            z, fake_labels = setup.latents.draw()
-            iteration += clock.lap("data")
-            losses_d = discriminator_step(gan, options, real,
-                                          real_labels if setup.num_classes else None, z,
-                                          fake_labels, step)
-            iteration += clock.lap("d_step")
-            d_bad |= ~torch.isfinite(losses_d["Loss/D/total"])
-            loss_means.add(losses_d)
-            iteration += clock.lap("bookkeeping")
-        z, fake_labels = setup.latents.draw()
-        iteration += clock.lap("data")
-        losses_g = generator_step(gan, options, z, fake_labels, step)
-        iteration += clock.lap("g_step")
-        loss_means.add(losses_g)
+        charged_before = clock.charged()
+        d_bad, loss_g = train_iteration(gan, options, setup.batches, setup.latents, loss_means,
+                                        tc.n_dis, step, lap=clock.lap)
         step += 1
         if tc.nonfinite == "stop":
-            check_finite(step, d_bad, losses_g["Loss/G/total"], Path(tracker.writer.log_dir))
+            check_finite(step, d_bad, loss_g, Path(tracker.writer.log_dir))
         if setup.generator_ema is not None:
             decay = tc.ema_decay if step > tc.ema_start_step else 0.0
             update_ema(setup.generator_ema, gan.generator, decay)
         progress.update(1)
-        iteration_times.append(iteration + clock.lap("bookkeeping"))
+        clock.lap("bookkeeping")
+        iteration_times.append(clock.charged() - charged_before)
         if step % tc.log_every == 0 or step == last_step:
             tracker.scalars(step, tick_statistics(gan, loss_means.pop(), 0.0))
             tick_times.append(clock.lap("logging"))

@@ -6,15 +6,15 @@ Exit codes: 0 success, 2 a mistake the user can fix (one line on stderr, no trac
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import sys
-
 
 from eagan.checkpoint import load_checkpoint, resolve_checkpoint_arg
 from eagan.config import Config, apply_overrides, load_config
 from eagan.distributed import resolve_device
 from eagan.errors import UserError
-from eagan.sampling import BN_MODES, write_samples
+from eagan.protocols import BN_MODES, PROTOCOLS
+from eagan.sampling import generator_from_checkpoint, write_samples
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", help="checkpoint file, or a run folder (best.pt, else latest)")
     parser.add_argument("--raw", action="store_true",
                         help="use the raw generator even when the checkpoint has an EMA copy")
-    parser.add_argument("--protocol", choices=("studiogan2021", "standard"),
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS),
                         help="evaluation protocol (default: the config's eval.protocol)")
     parser.add_argument("--num-samples", type=int, help="generated images (eval or sample)")
     parser.add_argument("--inception-weights", help="local Inception weights file")
@@ -91,35 +91,34 @@ def main(argv: list[str] | None = None) -> int:
         if not args.train and args.ckpt is None:
             raise UserError(f"--{'eval' if args.eval else 'sample'} needs --ckpt PATH "
                             "(a checkpoint file or a run folder)")
-        overrides = list(args.overrides)
-        if args.run_dir:
-            overrides.append(f"run_dir={args.run_dir}")
-        if args.device:
-            overrides.append(f"train.device={args.device}")
-        if args.protocol:
-            overrides.append(f"eval.protocol={args.protocol}")
-        if args.inception_weights:
-            overrides.append(f"eval.inception_weights={args.inception_weights}")
         bn_modes = _parse_bn_modes(args.bn_mode, args.eval) if args.bn_mode else None
-        if bn_modes is not None and len(bn_modes) == 1:
-            overrides.append(f"eval.bn_mode={bn_modes[0]}")
-        if args.num_samples is not None:
-            if args.num_samples <= 0:
-                raise UserError(f"--num-samples: expected a value > 0, got {args.num_samples}")
-            if args.eval:
-                overrides.append(f"eval.num_samples={args.num_samples}")
-        if args.config is not None:
-            config = load_config(args.config, overrides)
-        else:  # --eval or --sample from the checkpoint alone: the config stored in it
-            checkpoint = resolve_checkpoint_arg(args.ckpt)
-            config = apply_overrides(load_checkpoint(checkpoint)["config"], overrides,
-                                     source=f"{checkpoint} (stored config)")
-        resolve_device(config.train.device)  # an impossible device stops every mode here
-        if args.train:
-            return _train(config, args)
+        overrides = _config_overrides(args, bn_modes)
+        if args.train:  # the device is decided once the process group is up
+            return _train(load_config(args.config, overrides), args)
+        given = load_config(args.config, overrides) if args.config is not None else None
+        checkpoint = resolve_checkpoint_arg(args.ckpt)
+        payload = load_checkpoint(checkpoint)
+        # Without -c, the config stored in the checkpoint, with --set and the options on top.
+        config = given or apply_overrides(payload["config"], overrides,
+                                          source=f"{checkpoint} (stored config)")
+        device = resolve_device(config.train.device)
         if args.eval:
-            return _evaluate(config, args, bn_modes)
-        return _sample(config, args)
+            # Imported here: the Inception engines take seconds to import.
+            from eagan.evaluation import evaluate_checkpoint
+
+            sampled = generator_from_checkpoint(payload, checkpoint, device=device,
+                                                ema=not args.raw and config.eval.use_ema)
+            evaluate_checkpoint(config, sampled, checkpoint, bn_modes=bn_modes,
+                                show_progress=not args.no_progress)
+            return 0
+        sampled = generator_from_checkpoint(payload, checkpoint, ema=not args.raw,
+                                            device=device)
+        for output in write_samples(sampled, checkpoint, args.out or "samples",
+                                    num_samples=args.num_samples or 1000, seed=args.seed,
+                                    bn=args.bn, interpolate=args.interpolate,
+                                    attention=args.attention):
+            print(output)
+        return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -129,22 +128,44 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _config_overrides(args: argparse.Namespace, bn_modes: list[str] | None) -> list[str]:
+    """--set, then the options that stand for config keys, as dotted overrides."""
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    if args.protocol:
+        overrides.append(f"eval.protocol={args.protocol}")
+    if args.inception_weights:
+        overrides.append(f"eval.inception_weights={args.inception_weights}")
+    if bn_modes is not None and len(bn_modes) == 1:
+        overrides.append(f"eval.bn_mode={bn_modes[0]}")
+    if args.num_samples is not None:
+        if args.num_samples <= 0:
+            raise UserError(f"--num-samples: expected a value > 0, got {args.num_samples}")
+        if args.eval:
+            overrides.append(f"eval.num_samples={args.num_samples}")
+    return overrides
+
+
 def _train(config: Config, args: argparse.Namespace) -> int:
     from eagan.evaluation import make_training_evaluator
     from eagan.seeds import parse_seeds, train_seeds
     from eagan.trainer import RESUMABLE_KEYS, train
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    evaluate = None
-    if config.eval.every:
-        device = resolve_device(config.train.device, int(os.environ.get("LOCAL_RANK", "0")))
-        evaluate = make_training_evaluator(config, device, show_progress=not args.no_progress)
+    # Cached: --seeds loads Inception and the reference images once for all its runs (the
+    # evaluator reads no key that differs between them).
+    make_evaluator = functools.cache(functools.partial(
+        make_training_evaluator, config, show_progress=not args.no_progress))
     if seeds is None:
-        train(config, resume=args.resume, show_progress=not args.no_progress, evaluate=evaluate)
+        train(config, resume=args.resume, show_progress=not args.no_progress,
+              make_evaluator=make_evaluator)
         return 0
     train_seeds(config, seeds, lambda seeded, resume: train(
-        seeded, resume=resume, show_progress=not args.no_progress, evaluate=evaluate),
-        RESUMABLE_KEYS)
+        seeded, resume=resume, show_progress=not args.no_progress,
+        make_evaluator=make_evaluator), RESUMABLE_KEYS)
     return 0
 
 
@@ -158,25 +179,6 @@ def _parse_bn_modes(text: str, several_allowed: bool) -> list[str]:
         raise UserError(f"--bn-mode: only --eval reports several modes; training evaluates in "
                         f"one, got {text!r}")
     return modes
-
-
-def _evaluate(config: Config, args: argparse.Namespace, bn_modes: list[str] | None) -> int:
-    from eagan.evaluation import evaluate_checkpoint
-
-    evaluate_checkpoint(config, resolve_checkpoint_arg(args.ckpt), use_ema=not args.raw,
-                        show_progress=not args.no_progress, bn_modes=bn_modes)
-    return 0
-
-
-def _sample(config: Config, args: argparse.Namespace) -> int:
-    written = write_samples(resolve_checkpoint_arg(args.ckpt), args.out or "samples",
-                            ema=not args.raw, num_samples=args.num_samples or 1000,
-                            seed=args.seed, bn=args.bn, interpolate=args.interpolate,
-                            attention=args.attention,
-                            device=resolve_device(config.train.device))
-    for output in written:
-        print(output)
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from eagan.augment import parse_policy
 from eagan.errors import UserError
 from eagan.losses import LOSSES
 from eagan.models import TOPOLOGIES
+from eagan.protocols import BN_MODES, PROTOCOLS
 
 DATASETS = ("cifar10", "tiny_imagenet", "folder", "digits")
 METRICS = ("fid", "is", "kid", "prc")
@@ -99,12 +100,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    protocol: str = option("studiogan2021", choices=("studiogan2021", "standard"))
+    protocol: str = option("studiogan2021", choices=tuple(PROTOCOLS))
     every: int = option(2000, min=0)  # 0 turns evaluation during training off
     num_samples: int | None = option(None, positive=True)  # None: the protocol's count
     batch_size: int = option(100, positive=True)  # Inception's; see evaluation.py for G's
     # The generator's BatchNorm while evaluating: null takes the protocol's (running).
-    bn_mode: str | None = option(None, choices=("running", "batch"))
+    bn_mode: str | None = option(None, choices=BN_MODES)
     seed: int = option(0, min=0)
     # A local weights-inception-2015-12-05-6726825d.pth or pt_inception-2015-12-05-6726825d.pth
     # (the same file); null downloads the protocol's engine's release once.
@@ -319,5 +320,8 @@ def _check_consistency(config: Config, source: str) -> None:
         parse_policy(config.train.augment)
     except ValueError as error:
         raise UserError(f"{source}: train.augment: {error}") from None
+    if config.model.aux_classifier and not config.model.conditional:
+        raise UserError(f"{source}: model.aux_classifier: true needs class labels, but "
+                        f"model.conditional is false (an unconditional run)")
     if config.train.ema_start_step and not config.train.ema_decay:
         raise UserError(f"{source}: train.ema_start_step: set train.ema_decay > 0 to use an EMA")

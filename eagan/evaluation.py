@@ -15,12 +15,11 @@ from tqdm import tqdm
 
 from eagan.config import Config
 from eagan.data import SPLITS, load_images
-from eagan.distributed import resolve_device
 from eagan.errors import UserError
 from eagan.files import atomic_output
-from eagan.metrics import (Protocol, evaluate_generator, format_results_table, load_inception,
-                           resolve_protocol)
-from eagan.sampling import load_generator
+from eagan.metrics import evaluate_generator, format_results_table, load_inception
+from eagan.protocols import Protocol, resolve_protocol
+from eagan.sampling import SampledGenerator
 
 
 def reference_set(config: Config) -> tuple[Tensor, str, Protocol]:
@@ -76,15 +75,14 @@ def make_training_evaluator(config: Config, device: torch.device, show_progress:
     return evaluate
 
 
-def evaluate_checkpoint(config: Config, path: Path, use_ema: bool = True,
+def evaluate_checkpoint(config: Config, sampled: SampledGenerator, path: Path,
                         show_progress: bool = True,
                         bn_modes: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """FID and IS of a checkpoint's generator in each of ``bn_modes`` (None: eval.bn_mode, else
-    the protocol's), generated at the batch size it was trained with (see
-    generation_batch_size); prints one table with a column per mode and writes
-    ``<checkpoint>-eval-<protocol>-bn-<mode>.json`` beside the checkpoint for each."""
-    device = resolve_device(config.train.device)
-    sampled = load_generator(path, ema=use_ema and config.eval.use_ema, device=device)
+    """FID and IS of the generator of checkpoint ``path`` in each of ``bn_modes`` (None:
+    eval.bn_mode, else the protocol's), on its device, generated at the batch size it was
+    trained with (see generation_batch_size); prints one table with a column per mode and
+    writes ``<checkpoint>-eval-<protocol>-bn-<mode>.json`` beside the checkpoint for each."""
+    device = sampled.device
     for key in ("dataset", "image_size"):
         trained, given = getattr(sampled.config.data, key), getattr(config.data, key)
         if trained != given:

@@ -18,10 +18,6 @@ def build_generator(model: ModelConfig, image_size: int, num_classes: int) -> Ge
 
 
 def build_discriminator(model: ModelConfig, image_size: int, num_classes: int) -> Discriminator:
-    if model.aux_classifier and num_classes == 0:
-        raise UserError("model.aux_classifier: true needs class labels, but this run is "
-                        "unconditional (model.conditional is false or the dataset has no "
-                        "classes)")
     try:
         return Discriminator(image_size=image_size, num_classes=num_classes,
                              base_channels=model.d_base_channels, attention=model.attention,

@@ -233,7 +233,8 @@ class Discriminator(nn.Module):
             attention_after = topology.d_attention_after
         _check_args(image_size, num_classes, base_channels, attention_after, len(topology.d_out))
         if aux_classifier and num_classes == 0:
-            raise ValueError("an auxiliary classifier needs classes (num_classes > 0)")
+            raise ValueError("aux_classifier needs classes (num_classes > 0); this dataset "
+                             "has none")
         out_widths = [base_channels * m for m in topology.d_out]
         in_widths = [3] + out_widths[:-1]
 

@@ -32,7 +32,8 @@ from scipy import stats
 from eagan import checkpoint as ckpt
 from eagan.errors import UserError
 from eagan.files import atomic_output, ensure_writable_dir
-from eagan.metrics import OFFICIAL_INCEPTION_SHA256, PROTOCOLS
+from eagan.metrics import OFFICIAL_INCEPTION_SHA256
+from eagan.protocols import PROTOCOLS
 
 # sha256 of the released InceptionV3 weights (torch-fidelity v0.2.0's
 # weights-inception-2015-12-05-6726825d.pth, the same file as pytorch-fid's); any other file is

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +19,8 @@ from eagan.config import Config, config_from_dict
 from eagan.errors import UserError
 from eagan.factory import build_generator
 from eagan.files import atomic_output, ensure_writable_dir
+from eagan.protocols import BN_MODES
 
-BN_MODES = ("batch", "running")
 GRID_MAX_CLASS_ROWS = 10  # Tiny-ImageNet's 200 classes would make a 200-row grid
 
 
@@ -143,7 +144,12 @@ def load_generator(path: str | Path, ema: bool = True,
                    device: str | torch.device = "cpu") -> SampledGenerator:
     """The generator of a checkpoint (its EMA copy when there is one and ``ema``), rebuilt from
     the config stored inside it, in eval mode on ``device``."""
-    payload = load_checkpoint(path)
+    return generator_from_checkpoint(load_checkpoint(path), path, ema, device)
+
+
+def generator_from_checkpoint(payload: dict[str, Any], path: str | Path, ema: bool = True,
+                              device: str | torch.device = "cpu") -> SampledGenerator:
+    """load_generator on a checkpoint already read by load_checkpoint from ``path``."""
     config = config_from_dict(payload["config"], source=f"{path} (stored config)")
     generator = build_generator(config.model, config.data.image_size, payload["num_classes"])
     use_ema = ema and payload.get("generator_ema") is not None
@@ -164,17 +170,18 @@ def write_npz(images: Tensor, labels: Tensor | None, path: Path) -> None:
             np.savez(handle, **arrays)
 
 
-def write_samples(path: Path, out_dir: str | Path, *, ema: bool = True, num_samples: int = 1000,
-                  seed: int = 0, bn: str = "batch", interpolate: bool = False,
-                  attention: bool = False, device: str | torch.device = "cpu",
+def write_samples(sampler: SampledGenerator, path: Path, out_dir: str | Path, *,
+                  num_samples: int = 1000, seed: int = 0, bn: str = "batch",
+                  interpolate: bool = False, attention: bool = False,
                   per_row: int = 8) -> list[Path]:
-    """What ``--sample`` writes for a checkpoint: a class grid, ``num_samples`` images as .npz
-    and, on request, a latent interpolation grid and the attention figure. Everything is drawn
-    before the first file is written, so a generator without attention loses nothing."""
+    """What ``--sample`` writes for the generator of checkpoint ``path``: a class grid,
+    ``num_samples`` images as .npz and, on request, a latent interpolation grid and the
+    attention figure. Everything is drawn before the first file is written, so a generator
+    without attention loses nothing."""
     # visualize.py draws through bn_mode above; importing it at the top would be circular.
     from eagan.visualize import attention_figure
 
-    sampler = load_generator(path, ema=ema, device=device)
+    device = sampler.device
     labels = class_grid_labels(sampler.num_classes, per_row, torch.device("cpu"))
     count = len(labels) if labels is not None else per_row * per_row
     outputs: dict[str, Tensor] = {}

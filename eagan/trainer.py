@@ -168,6 +168,35 @@ def generator_step(gan: GANModules, options: StepOptions, z: Tensor,
     return {name: value.detach() for name, value in losses.items()}
 
 
+def train_iteration(gan: GANModules, options: StepOptions,
+                    batches: DeviceBatchSource | LoaderBatchSource, latents: LatentSampler,
+                    loss_means: LossMeans, n_dis: int, step: int,
+                    lap: Callable[[str], object] | None = None) -> tuple[Tensor, Tensor]:
+    """Iteration ``step + 1``: ``n_dis`` D updates, each with a fresh real batch, z and labels,
+    then one G update with D frozen; every loss is summed into ``loss_means``. Returns whether
+    any D loss was not finite and G's total loss, for check_finite (no device sync here).
+    ``lap(phase)``, when given, is called as each phase ends: the throughput benchmark's clock."""
+    lap = lap or (lambda phase: None)
+    d_bad = torch.zeros((), dtype=torch.bool, device=latents.device)
+    for _ in range(n_dis):
+        real, real_labels = batches.next()
+        z, fake_labels = latents.draw()
+        lap("data")
+        losses_d = discriminator_step(gan, options, real,
+                                      real_labels if latents.num_classes else None, z,
+                                      fake_labels, step)
+        lap("d_step")
+        d_bad |= ~torch.isfinite(losses_d["Loss/D/total"])
+        loss_means.add(losses_d)
+        lap("bookkeeping")
+    z, fake_labels = latents.draw()
+    lap("data")
+    losses_g = generator_step(gan, options, z, fake_labels, step)
+    lap("g_step")
+    loss_means.add(losses_g)
+    return d_bad, losses_g["Loss/G/total"]
+
+
 class LossMeans:
     """Named losses summed on the device between log ticks (no sync per step); ``pop`` returns
     each name's mean over the updates that reported it, with one sync, and starts afresh. D
@@ -219,22 +248,30 @@ class LatentSampler:
         self.rng.set_state(state["rng"])
 
 
+# The metrics hook: evaluate(generator, step, rank, world_size), called on every rank, returns
+# on rank 0 a dict with at least 'fid' (None elsewhere).
+Evaluator = Callable[[nn.Module, int, int, int], dict[str, Any] | None]
+
+
 def train(config: Config, resume: bool = False, show_progress: bool = True,
-          evaluate: Callable[..., dict[str, Any]] | None = None) -> TrainResult:
+          make_evaluator: Callable[[torch.device], Evaluator] | None = None) -> TrainResult:
     """Train G and D as ``config`` says, in ``config.run_dir``; ``resume`` continues the run
-    there from its latest checkpoint. ``evaluate(generator, step, rank, world_size)`` (the
-    metrics hook, called on every rank) returns on rank 0 a dict with at least 'fid'; it runs
-    every ``config.eval.every`` steps when given."""
-    # ---- Processes, device, run folder ------------------------------------------------------
+    there from its latest checkpoint. When ``config.eval.every`` is set, ``make_evaluator`` is
+    called once with this process's device, once the process group is up, and the evaluator
+    it returns runs every ``config.eval.every`` steps."""
+    # ---- Processes, device, evaluator --------------------------------------------------------
     context = init_distributed(config.train.device)
     try:
+        evaluate = None
+        if make_evaluator is not None and config.eval.every:
+            evaluate = make_evaluator(context.device)
         return _train(config, context, resume, show_progress, evaluate)
     finally:
         shutdown(context)
 
 
 def _train(config: Config, context: DistContext, resume: bool, show_progress: bool,
-           evaluate: Callable[..., dict[str, Any]] | None) -> TrainResult:
+           evaluate: Evaluator | None) -> TrainResult:
     tc = config.train
     device = context.device
     if tc.batch_size % context.world_size:
@@ -316,26 +353,14 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
         if tracker is not None:
             cleanup.callback(tracker.close)
         while step < tc.total_steps:
-            # -- Discriminator updates: n_dis, each with a fresh real batch, z and labels.
-            d_bad = torch.zeros((), dtype=torch.bool, device=device)
-            for _ in range(tc.n_dis):
-                real, real_labels = batches.next()
-                z, fake_labels = latents.draw()
-                losses_d = discriminator_step(gan, options, real,
-                                              real_labels if num_classes else None, z,
-                                              fake_labels, step)
-                d_bad |= ~torch.isfinite(losses_d["Loss/D/total"])
-                loss_means.add(losses_d)
-
-            # -- Generator update, with D's weights frozen.
-            z, fake_labels = latents.draw()
-            losses_g = generator_step(gan, options, z, fake_labels, step)
-            loss_means.add(losses_g)
+            # -- n_dis discriminator updates, then one generator update.
+            d_bad, loss_g = train_iteration(gan, options, batches, latents, loss_means,
+                                            tc.n_dis, step)
             step += 1
 
             # -- Non-finite losses: stop (the default) before anything is saved.
             if tc.nonfinite == "stop":
-                check_finite(step, d_bad, losses_g["Loss/G/total"], run_dir)
+                check_finite(step, d_bad, loss_g, run_dir)
 
             # -- EMA of the generator's weights.
             if generator_ema is not None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from eagan.cli import main
 from tests.fakedata import write_cifar10
 from tests.inception_standin import build_standin_inception_weights
 
@@ -54,3 +55,22 @@ def one_torch_thread():
 def standin_weights(tmp_path_factory) -> Path:
     """Inception weights of the real architecture, randomly initialised (no download)."""
     return build_standin_inception_weights(tmp_path_factory.mktemp("inception"))
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, cifar_root) -> Path:
+    """A run of the tiny config trained for 2 steps by the command line, its config file
+    (tiny.yaml) beside the run folder; one per test module."""
+    folder = tmp_path_factory.mktemp("trained")
+    config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
+    config["data"]["root"] = str(cifar_root)
+    config["run_dir"] = str(folder / "run")
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_torch_thread, which a module fixture cannot use
+    try:
+        assert main(["-c", str(folder / "tiny.yaml"), "--train", "--no-progress",
+                     "--set", "train.total_steps=2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return folder / "run"

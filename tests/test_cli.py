@@ -65,13 +65,13 @@ def test_sample_and_eval_run_from_the_checkpoint_alone(trained_run, tmp_path, mo
 
     seen = {}
 
-    def evaluate_checkpoint(config, path, **kwargs):
-        seen.update(config=config, path=path)
+    def evaluate_checkpoint(config, sampled, path, **kwargs):
+        seen.update(config=config, path=path, step=sampled.step)
 
     monkeypatch.setattr("eagan.evaluation.evaluate_checkpoint", evaluate_checkpoint)
     assert run_cli("--eval", "--ckpt", trained_run, "--set", "eval.num_samples=8") == 0
     stored = ckpt.load_checkpoint(seen["path"])["config"]
-    assert seen["path"] == trained_run / "ckpt-0000004.pt"
+    assert seen["path"] == trained_run / "ckpt-0000004.pt" and seen["step"] == 4
     assert seen["config"].data.root == stored["data"]["root"]
     assert seen["config"].model.attention == stored["model"]["attention"] == "external"
     assert seen["config"].eval.num_samples == 8  # --set applies on top of the stored config

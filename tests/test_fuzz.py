@@ -21,7 +21,6 @@ from eagan import checkpoint as ckpt
 from eagan.cli import main
 from eagan.config import Config
 from tests.fakedata import write_image_folder, write_tiny_imagenet
-from tests.test_robustness import trained_run  # noqa: F401 - the module's trained run fixture
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -98,9 +97,9 @@ def damaged_copies(data: bytes, rng: random.Random, count: int) -> list[tuple[st
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, trained_run):  # noqa: F811 - pytest fixture by name
+def workspace(tmp_path_factory, two_step_run):
     root = tmp_path_factory.mktemp("fuzz")
-    return root, trained_run, trained_run.parent / "tiny.yaml"
+    return root, two_step_run, two_step_run.parent / "tiny.yaml"
 
 
 def checkpoint_cases(root: Path, config: Path, recorded: Path,
@@ -186,7 +185,7 @@ def test_damaged_config_yaml(workspace, tmp_path):
     # Deep nesting, a self-referencing alias, an impossible date.
     texts += [t.encode() for t in ("train: " + "[" * 100000, "a: &x [*x]\n",
                                    "data:\n  root: 2001-02-30\n")]
-    texts += [data for _, data in damaged_copies(real, rng, 40)]
+    texts += [data for _, data in damaged_copies(real, rng, 60)]
     cases = []
     for i, data in enumerate(texts):
         if can_be_a_config(data.decode("utf-8", "replace")):

@@ -45,18 +45,18 @@ class _Stop(Exception):
 @pytest.fixture
 def device_spies(monkeypatch) -> dict[str, object]:
     """Pretend CUDA is present and catch the device each mode passes on: --sample to
-    write_samples, --eval to load_generator, --train to init_distributed (which resolves it on every rank)."""
-    seen: dict[str, object] = {}
+    generator_from_checkpoint, --eval also, --train to init_distributed (which resolves it on
+    every rank)."""
+    seen: dict[str, list] = {"checkpoint": [], "train": []}
 
     def spy(name: str, key: str):
         def record(*args, **kwargs):
-            seen[name] = kwargs[key] if key in kwargs else args[0]
+            seen[name].append(kwargs[key] if key in kwargs else args[0])
             raise _Stop
         return record
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("eagan.cli.write_samples", spy("sample", "device"))
-    monkeypatch.setattr("eagan.evaluation.load_generator", spy("eval", "device"))
+    monkeypatch.setattr("eagan.cli.generator_from_checkpoint", spy("checkpoint", "device"))
     monkeypatch.setattr("eagan.trainer.init_distributed", spy("train", "device_preference"))
     return seen
 
@@ -69,16 +69,16 @@ def device_spies(monkeypatch) -> dict[str, object]:
     (["--set", "train.device=cpu", "--device", "auto"], "cuda"),  # the option wins
 ])
 def test_every_mode_runs_on_the_device_asked_for(option, expected, device_spies,
-                                                 tiny_config_path, tmp_path):
-    ckpt_file = tmp_path / "ckpt-0000001.pt"
-    ckpt_file.write_bytes(b"")  # never read: the spies stop first
-    for mode in (["--train"], ["--eval", "--ckpt", ckpt_file], ["--sample", "--ckpt", ckpt_file,
-                                                                 "--out", tmp_path / "out"]):
-        with pytest.raises(_Stop):
-            run_cli("-c", tiny_config_path, *mode, *option)
-    assert torch.device(device_spies["sample"]).type == expected
-    assert torch.device(device_spies["eval"]).type == expected
-    assert resolve_device(device_spies["train"]).type == expected
+                                                 tiny_config_path, two_step_run, tmp_path):
+    with pytest.raises(_Stop):
+        run_cli("-c", tiny_config_path, "--train", *option)
+    # --eval and --sample with -c, then from the checkpoint's stored config (train.device auto).
+    for config in (["-c", tiny_config_path], []):
+        for mode in (["--eval"], ["--sample", "--out", tmp_path / "out"]):
+            with pytest.raises(_Stop):
+                run_cli(*config, *mode, "--ckpt", two_step_run, *option)
+    assert resolve_device(device_spies["train"][0]).type == expected
+    assert [torch.device(d).type for d in device_spies["checkpoint"]] == [expected] * 4
 
 
 @pytest.mark.skipif(CUDA, reason="a GPU is present")
@@ -86,18 +86,16 @@ def test_every_mode_runs_on_the_device_asked_for(option, expected, device_spies,
                                   ["--sample", "--ckpt", "run"]])
 @pytest.mark.parametrize("how", [["--device", "cuda"], ["--set", "train.device=cuda"]])
 def test_cuda_asked_without_cuda_is_a_one_line_user_error(mode, how, tiny_config_path, tmp_path,
-                                                         capsys):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    before = sorted(tmp_path.rglob("*"))
+                                                         two_step_run, capsys):
+    before = sorted(tmp_path.rglob("*")) + sorted(two_step_run.rglob("*"))
     capsys.readouterr()
-    code = run_cli("-c", tiny_config_path, *[run_dir if arg == "run" else arg for arg in mode],
-                   *how)
+    code = run_cli("-c", tiny_config_path,
+                   *[two_step_run if arg == "run" else arg for arg in mode], *how)
     err = capsys.readouterr().err
     assert code == 2
     assert err == ("error: train.device (or --device): 'cuda' was asked for but no CUDA "
                    "device is available\n")
-    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+    assert sorted(tmp_path.rglob("*")) + sorted(two_step_run.rglob("*")) == before  # unwritten
 
 
 def test_device_option_rejects_unknown_devices(tiny_config_path, capsys):

@@ -39,7 +39,6 @@ from eagan.metrics import (
     IS_LAYER,
     LOGITS_LAYER,
     NOT_COMPARABLE,
-    PROTOCOLS,
     PYTORCH_FID_WEIGHTS_FILENAME,
     WEIGHTS_FILENAME,
     Inception,
@@ -54,8 +53,8 @@ from eagan.metrics import (
     inception_score_from_logits,
     load_inception,
     resolve_inception_weights,
-    resolve_protocol,
 )
+from eagan.protocols import PROTOCOLS, resolve_protocol
 
 RESULT_KEYS = {"fid", "is_mean", "is_std", "protocol", "num_samples", "is_samples", "is_splits",
                "reference", "bn_mode", "ema", "step", "seed", "generation_batch_size",

@@ -17,7 +17,6 @@ from torch.utils.serialization import config as serialization_config
 from eagan import checkpoint as ckpt
 from eagan.cli import main
 from eagan.errors import UserError
-from tests.conftest import TINY_CONFIG
 from tests.fakedata import write_image_folder
 
 
@@ -36,31 +35,14 @@ class Workspace:
         return path
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, cifar_root):
-    folder = tmp_path_factory.mktemp("trained")
-    config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
-    config["data"]["root"] = str(cifar_root)
-    config["run_dir"] = str(folder / "run")
-    (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as one_torch_thread, which a module fixture cannot use
-    try:
-        assert main(["-c", str(folder / "tiny.yaml"), "--train", "--no-progress",
-                     "--set", "train.total_steps=2"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return folder / "run"
-
-
 @pytest.fixture
-def workspace(tmp_path, tiny_config_path, trained_run, monkeypatch):
+def workspace(tmp_path, tiny_config_path, two_step_run, monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError("network disabled in tests")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    return Workspace(tmp_path, tiny_config_path, trained_run)
+    return Workspace(tmp_path, tiny_config_path, two_step_run)
 
 
 def folder_dataset(ws: Workspace, build) -> list[str]:
@@ -300,11 +282,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_changes(workspace, capsys, mak
     assert tree_state(workspace.root, workspace.trained) == before
 
 
-def test_checkpoint_without_digest_of_the_first_format_loads_with_a_warning(trained_run,
+def test_checkpoint_without_digest_of_the_first_format_loads_with_a_warning(two_step_run,
                                                                             tmp_path, capsys):
     """Checkpoints written before the digest (format v1) still load, saying they cannot be
     verified; the same bytes claiming the current format are refused."""
-    payload = torch.load(trained_run / "ckpt-0000002.pt", weights_only=True)
+    payload = torch.load(two_step_run / "ckpt-0000002.pt", weights_only=True)
     payload["format"] = ckpt.UNVERIFIED_FORMAT
     torch.save(payload, tmp_path / "v1.pt")
     loaded = ckpt.load_checkpoint(tmp_path / "v1.pt")
@@ -318,10 +300,10 @@ def test_checkpoint_without_digest_of_the_first_format_loads_with_a_warning(trai
         ckpt.load_checkpoint(tmp_path / "v2.pt")
 
 
-def test_checkpoints_carry_crc32s_even_when_torch_is_told_not_to(trained_run, tmp_path):
+def test_checkpoints_carry_crc32s_even_when_torch_is_told_not_to(two_step_run, tmp_path):
     """Every record's CRC-32 is half the digest: save_checkpoint keeps them whatever the global
     setting, and the file stays one torch.load reads as is."""
-    payload = ckpt.load_checkpoint(trained_run / "ckpt-0000002.pt")
+    payload = ckpt.load_checkpoint(two_step_run / "ckpt-0000002.pt")
     with serialization_config.patch({"save.compute_crc32": False}):
         ckpt.save_checkpoint(payload, tmp_path / "a.pt")
     with zipfile.ZipFile(io.BytesIO((tmp_path / "a.pt").read_bytes()[:-ckpt.FOOTER_SIZE])) \

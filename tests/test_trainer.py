@@ -348,5 +348,12 @@ def test_training_evaluates_the_generator_eval_use_ema_names(tiny_config_path, u
 
     config = load_config(tiny_config_path, ["train.ema_decay=0.9", "eval.every=2",
                                             f"eval.use_ema={str(use_ema).lower()}"])
-    train(config, show_progress=False, evaluate=evaluate)
+    devices = []
+
+    def make_evaluator(device):
+        devices.append(device)
+        return evaluate
+
+    train(config, show_progress=False, make_evaluator=make_evaluator)
     assert evaluated == [not use_ema, not use_ema]
+    assert devices == [torch.device("cpu")]  # made once, for the device training runs on
