@@ -41,12 +41,18 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), known before the process
+    group is up."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device_preference: str) -> DistContext:
     """Join the torchrun process group when launched by torchrun; else a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistContext(rank=0, world_size=1, device=resolve_device(device_preference))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_preference, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -16,6 +16,7 @@ import yaml
 
 from eagan import checkpoint as ckpt
 from eagan.config import Config, config_differences, to_dict
+from eagan.distributed import launched_rank
 from eagan.errors import UserError
 
 # What a run writes before its first checkpoint; removed when such a run starts again.
@@ -46,10 +47,11 @@ def seed_config(config: Config, seed: int) -> Config:
     return seeded
 
 
-def seed_run_state(config: Config, resumable_keys: tuple[str, ...]) -> str:
+def seed_run_state(config: Config, resumable_keys: tuple[str, ...], clean: bool = True) -> str:
     """'finished', 'resume' or 'start' for a seed's run folder. A folder recorded with another
     config (outside ``resumable_keys``) is refused; one whose run was stopped before its first
-    checkpoint is emptied of what that run wrote, so that it starts again from step 0."""
+    checkpoint is emptied of what that run wrote (when ``clean``: by one process of several),
+    so that it starts again from step 0."""
     run_dir = Path(config.run_dir)
     recorded = run_dir / "config.yaml"
     if recorded.is_file():
@@ -65,7 +67,7 @@ def seed_run_state(config: Config, resumable_keys: tuple[str, ...]) -> str:
     checkpoints = ckpt.step_checkpoints(run_dir)
     if checkpoints:
         return "finished" if checkpoints[-1][0] >= config.train.total_steps else "resume"
-    for name in BEFORE_FIRST_CHECKPOINT:
+    for name in BEFORE_FIRST_CHECKPOINT if clean else ():
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -74,13 +76,21 @@ def seed_run_state(config: Config, resumable_keys: tuple[str, ...]) -> str:
     return "start"
 
 
+def _silent(line: str) -> None:
+    """What a rank other than 0 reports: nothing."""
+
+
 def train_seeds(config: Config, seeds: list[int], train_one: Callable[[Config, bool], object],
                 resumable_keys: tuple[str, ...], report: Callable[[str], None] = print) -> None:
     """Train ``config`` once per seed, one after another: ``train_one(seed_config, resume)``
-    for each seed that has not finished."""
+    for each seed that has not finished. Under torchrun every process walks the seeds (each
+    train_one joins the process group); rank 0 alone reports and cleans folders. A rank cannot
+    see a folder rank 0 has begun to write: rank 0 writes only once every rank has joined."""
+    main = launched_rank() == 0
+    report = report if main else _silent  # rank 0 speaks for all
     for seed in seeds:
         seeded = seed_config(config, seed)
-        state = seed_run_state(seeded, resumable_keys)
+        state = seed_run_state(seeded, resumable_keys, clean=main)
         if state == "finished":
             report(f"seed {seed}: finished ({seeded.run_dir}), skipped")
             continue
