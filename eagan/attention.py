@@ -11,6 +11,8 @@ Every 2-D block is gated, ``out = x + gamma * f(x)`` with a learnable scalar gam
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,6 +37,77 @@ def double_normalise(logits: Tensor, token_dim: int, memory_dim: int = -1) -> Te
         weights = logits.float().softmax(dim=token_dim)
         weights = weights / (NORM_EPS + weights.sum(dim=memory_dim, keepdim=True))
     return weights.to(logits.dtype)
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class _FoldedExternalAttention(torch.autograd.Function):
+    """[x +] values @ double_normalise(keys @ x) + bias on pixels: x (B, C, N), keys (heads*S, C),
+    values (C, heads*S), bias (C,), the matrix products in ``dtype``, the normalisation in
+    float32.
+
+    One function with its own backward so that only the normalised weights (B, heads*S, N) and
+    their per-pixel sums are kept, and the residual is added inside the same matrix product in
+    both directions: at 16x16 the C-wide maps, not the attention, are most of the block's memory,
+    and autograd's version holds three of them (the product, the sum, x's summed gradient).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, keys: Tensor, values: Tensor, bias: Tensor, heads: int,
+                residual: bool, dtype: torch.dtype) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            batch, _, num_pixels = x.shape
+            # The normalisation in float32 at least (float64 stays float64).
+            precise = torch.promote_types(dtype, torch.float32)
+            # bmm on expanded weights: matmul would copy x into a (B*N, C) matrix first.
+            logits = torch.bmm(keys.to(dtype).expand(batch, -1, -1), x.to(dtype))
+            logits = logits.to(precise)  # (B, heads*S, N)
+            normalised = logits.view(batch, heads, -1, num_pixels).softmax(dim=3)
+            sums = NORM_EPS + normalised.sum(dim=2, keepdim=True)  # (B, heads, 1, N)
+            normalised = normalised.div_(sums).view_as(logits)  # (B, heads*S, N), precise
+            values_batch = values.to(dtype).expand(batch, -1, -1)
+            if residual and x.dtype == dtype:
+                out = torch.baddbmm(x, values_batch, normalised.to(dtype))
+            else:
+                out = torch.bmm(values_batch, normalised.to(dtype))
+                out = x + out if residual else out
+            out += bias.to(out.dtype)[:, None]
+        ctx.save_for_backward(x, keys, values, normalised, sums)
+        ctx.heads, ctx.residual, ctx.dtype, ctx.bias_dtype = heads, residual, dtype, bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, keys, values, normalised, sums = ctx.saved_tensors
+        batch, _, num_pixels = x.shape
+        dtype = ctx.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            grad = grad_out.to(dtype)  # (B, C, N)
+            grad_values = torch.matmul(grad, normalised.to(dtype).transpose(1, 2)).sum(0)
+            grad_bias = grad_out.sum(dim=(0, 2))
+            # Back through w = p / sum_S p, then through p = softmax over the pixels, in place:
+            # at most three (B, heads*S, N) maps are alive at once.
+            grad = torch.bmm(values.to(dtype).t().expand(batch, -1, -1), grad)
+            grad = grad.to(normalised.dtype)
+            grad = grad.view(batch, ctx.heads, -1, num_pixels)  # now d/dw, (B, heads, S, N)
+            w = normalised.view_as(grad)
+            grad.sub_((grad * w).sum(dim=2, keepdim=True)).div_(sums)  # d/dp
+            probabilities = w * sums
+            grad.sub_((grad * probabilities).sum(dim=3, keepdim=True))
+            grad_logits = probabilities.mul_(grad).view(batch, -1, num_pixels).to(dtype)
+            del grad, probabilities
+            grad_keys = torch.matmul(grad_logits, x.to(dtype).transpose(1, 2)).sum(0)
+            keys_t = keys.to(dtype).t().expand(batch, -1, -1)
+            if ctx.residual and grad_out.dtype == dtype:
+                grad_x = torch.baddbmm(grad_out, keys_t, grad_logits)
+            else:
+                grad_x = torch.bmm(keys_t, grad_logits).to(x.dtype)
+                grad_x = grad_out.to(x.dtype) + grad_x if ctx.residual else grad_x
+        return (grad_x.to(x.dtype), grad_keys.to(keys.dtype), grad_values.to(values.dtype),
+                grad_bias.to(ctx.bias_dtype), None, None, None)
 
 
 class ExternalAttention(nn.Module):
@@ -184,23 +257,30 @@ class ExternalAttention2d(GatedAttention2d):
         logits = self.memory_key(queries.transpose(2, 3))  # (B, heads, N, S)
         return double_normalise(logits, token_dim=2).transpose(2, 3)
 
-    def _folded_output(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        """(W_o M_v) applied to the attention weights, times ``gate`` when given."""
-        weights = self._weights(x)  # (B, heads, S, N)
+    def _folded(self, x: Tensor, residual: bool, gate: Tensor | None = None) -> Tensor:
+        """[x +] (W_o M_v) double_normalise((M_k W_q) x) + b_o, the products scaled by
+        ``gate`` when given; the pixels go through _FoldedExternalAttention."""
         channels = x.shape[1]
+        query = self.query.weight.view(self.heads, channels // self.heads, channels)
+        keys = self._folded_weights(self.memory_key.weight, query)  # (heads, S, C)
         out_weight = self.out.weight.view(channels, self.heads, -1)  # (C, heads, C/heads)
         values = self._folded_weights(out_weight.transpose(0, 1),
                                       self.memory_value.weight)  # (heads, C, S)
-        values = values.transpose(0, 1).reshape(channels, -1, 1, 1)  # (C, heads*S, 1, 1)
+        values = values.transpose(0, 1).reshape(channels, -1)  # (C, heads*S)
         bias = self.out.bias
         if gate is not None:
             values, bias = gate * values, gate * bias
-        weights = weights.reshape(x.shape[0], -1, *x.shape[-2:])  # (B, heads*S, H, W)
-        return F.conv2d(weights, values, bias)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+            else x.dtype
+        out = _FoldedExternalAttention.apply(x.flatten(2), keys.reshape(-1, channels), values,
+                                             bias, self.heads, residual, dtype)
+        # Back to the input's layout (channels_last stays channels_last).
+        return out.view(x.shape).contiguous(memory_format=_layout(x))
 
     def attend(self, x: Tensor) -> Tensor:
         if self.fold_projections:
-            return self._folded_output(x)
+            return self._folded(x, residual=False)
         out = self.memory_value(self._weights(x).transpose(2, 3))  # (B, heads, N, C/heads)
         out = out.transpose(2, 3).reshape(x.shape)  # (B, C, H, W)
         return self.out(out)
@@ -208,9 +288,8 @@ class ExternalAttention2d(GatedAttention2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self.fold_projections:
             return super().forward(x)
-        # gamma scales the folded C x S matrix rather than a C-wide map: neither attend(x) nor
-        # gamma * attend(x) is kept for the backward pass.
-        return x + self._folded_output(x, gate=self.gamma)
+        # gamma scales the folded C x S matrix rather than a C-wide map.
+        return self._folded(x, residual=True, gate=self.gamma)
 
     def attention_map(self, x: Tensor) -> Tensor:
         """Each memory unit's share of every pixel, averaged over heads: (B, S, H, W) in [0, 1]."""

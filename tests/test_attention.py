@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from eagan import attention
 from eagan.attention import (ATTENTION_KINDS, EfficientAttention2d, ExternalAttention,
                              ExternalAttention2d, MultiHeadExternalAttention, SelfAttention2d,
-                             build_attention, double_normalise)
+                             _FoldedExternalAttention, build_attention, double_normalise)
 from eagan.sampling import load_generator
 
 # Divisible by 8 (self, efficient); C/8 = 4 leaves 2 query channels per head with 2 heads.
@@ -644,6 +644,41 @@ def test_folded_blocks_keep_the_state_dict_keys() -> None:
 FIXTURES = Path(__file__).with_name("fixtures")
 
 
+@pytest.mark.parametrize("heads,residual", [(1, True), (2, True), (2, False)])
+def test_folded_external_backward_is_the_gradient(heads: int, residual: bool) -> None:
+    # Its hand-written backward against finite differences, in float64.
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(heads * 3, 8, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(8, heads * 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *args: _FoldedExternalAttention.apply(*args, heads, residual, torch.float64),
+        (x, keys, values, bias))
+
+
+def test_folded_external_keeps_one_attention_map_for_backward() -> None:
+    # What autograd holds between forward and backward: x itself, the small weights, and one
+    # (B, heads*S, N) map of normalised weights (plus its per-pixel sums): no C-wide map.
+    block = random_block("external", 64, 16, 2)
+    assert block.fold_projections
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        block(x)
+    maps = [t for t in saved if t.numel() >= 2 * 16 * 16 * 16]
+    assert sorted(tuple(t.shape) for t in maps) == [(2, 32, 256), (2, 64, 256)]
+    assert any(t is x or t.data_ptr() == x.data_ptr() for t in maps)
+
+
+def test_folded_external_keeps_channels_last() -> None:
+    block = random_block("external", 64, 16, 1).eval()
+    x = torch.randn(2, 64, 8, 8)
+    out = block(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, block(x), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("fold", [True, False])
 def test_checkpoint_saved_before_the_folded_order_samples_the_same(fold: bool) -> None:
     # Written by the code of commit ba55d5d (tests/fixtures/make_old_checkpoint.py): a tiny
@@ -657,8 +692,8 @@ def test_checkpoint_saved_before_the_folded_order_samples_the_same(fold: bool) -
     images, labels = sampler.sample(4, seed=0, bn="batch")
     assert torch.equal(labels, expected["labels_seed0"])
     running, _ = sampler.sample(4, seed=1, bn="running")
-    # Images in [-1, 1]; the folded order is within float32 round-off (7.7e-7 seen), the old
-    # order reproduces them bit for bit on the machine that wrote them.
-    tolerance = 1e-5 if fold else 1e-6
-    torch.testing.assert_close(images, expected["batch_bn_seed0"], rtol=0, atol=tolerance)
-    torch.testing.assert_close(running, expected["running_bn_seed1"], rtol=0, atol=tolerance)
+    # Images in [-1, 1], within float32 round-off of what the old code drew: the folded order
+    # 7.7e-7 from them; the old order reproduces them bit for bit on the machine that wrote
+    # them, and within 2e-6 on another CPU (other kernels, other summation orders).
+    torch.testing.assert_close(images, expected["batch_bn_seed0"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(running, expected["running_bn_seed1"], rtol=0, atol=1e-5)
