@@ -365,8 +365,8 @@ def score_class_accuracy(runs: list[Run]) -> None:
         latest = ckpt.latest_checkpoint(run.path)
         if latest is None:
             raise UserError(f"{run.path}: --class-accuracy: the run holds no step checkpoint")
-        score = measure.score(latest, False, classifier, real_spread, reference,
-                              CLASS_ACCURACY_PER_CLASS, 0)
+        score = measure.score(latest, ckpt.load_checkpoint(latest), False, classifier,
+                              real_spread, reference, CLASS_ACCURACY_PER_CLASS, 0)
         run.class_score = (score.accuracy, score.spread)
 
 
