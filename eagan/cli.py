@@ -11,7 +11,7 @@ import sys
 
 from eagan.checkpoint import load_checkpoint, resolve_checkpoint_arg
 from eagan.config import Config, apply_overrides, load_config
-from eagan.distributed import resolve_device
+from eagan.distributed import process_group, resolve_device
 from eagan.errors import UserError
 from eagan.protocols import BN_MODES, PROTOCOLS
 from eagan.sampling import generator_from_checkpoint, write_samples
@@ -163,9 +163,10 @@ def _train(config: Config, args: argparse.Namespace) -> int:
         train(config, resume=args.resume, show_progress=not args.no_progress,
               make_evaluator=make_evaluator)
         return 0
-    train_seeds(config, seeds, lambda seeded, resume: train(
-        seeded, resume=resume, show_progress=not args.no_progress,
-        make_evaluator=make_evaluator), RESUMABLE_KEYS)
+    with process_group(config.train.device) as context:
+        train_seeds(config, seeds, lambda seeded, resume: train(
+            seeded, resume=resume, show_progress=not args.no_progress,
+            make_evaluator=make_evaluator, context=context), RESUMABLE_KEYS, context)
     return 0
 
 

@@ -6,6 +6,8 @@ a single process. NCCL on GPUs, gloo on CPU, so the same code path is tested on 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,18 +43,12 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def launched_rank() -> int:
-    """This process's rank as torchrun set it (0 without torchrun), known before the process
-    group is up."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def init_distributed(device_preference: str) -> DistContext:
     """Join the torchrun process group when launched by torchrun; else a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistContext(rank=0, world_size=1, device=resolve_device(device_preference))
-    rank, local_rank = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_preference, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -65,6 +61,18 @@ def init_distributed(device_preference: str) -> DistContext:
 def shutdown(context: DistContext) -> None:
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device_preference: str) -> Iterator[DistContext]:
+    """One process group for a whole command: joined on entry, left on exit. The runs of
+    ``--seeds`` share it; leaving and re-joining between them races the ranks against each
+    other (one rank may re-create the rendezvous while another still leaves the last)."""
+    context = init_distributed(device_preference)
+    try:
+        yield context
+    finally:
+        shutdown(context)
 
 
 def barrier(context: DistContext) -> None:
@@ -80,6 +88,15 @@ def broadcast_flag(context: DistContext, flag: bool) -> bool:
     value = torch.tensor([int(flag)], device=context.device)
     dist.broadcast(value, src=0)
     return bool(value.item())
+
+
+def broadcast_object(context: DistContext, obj: Any) -> Any:
+    """Rank 0's picklable ``obj``, on every rank."""
+    if not context.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_to_main(context: DistContext, obj: Any) -> list[Any]:

@@ -16,7 +16,7 @@ import yaml
 
 from eagan import checkpoint as ckpt
 from eagan.config import Config, config_differences, to_dict
-from eagan.distributed import launched_rank
+from eagan.distributed import DistContext, barrier, broadcast_object
 from eagan.errors import UserError
 
 # What a run writes before its first checkpoint; removed when such a run starts again.
@@ -47,11 +47,10 @@ def seed_config(config: Config, seed: int) -> Config:
     return seeded
 
 
-def seed_run_state(config: Config, resumable_keys: tuple[str, ...], clean: bool = True) -> str:
+def seed_run_state(config: Config, resumable_keys: tuple[str, ...]) -> str:
     """'finished', 'resume' or 'start' for a seed's run folder. A folder recorded with another
     config (outside ``resumable_keys``) is refused; one whose run was stopped before its first
-    checkpoint is emptied of what that run wrote (when ``clean``: by one process of several),
-    so that it starts again from step 0."""
+    checkpoint is emptied of what that run wrote, so that it starts again from step 0."""
     run_dir = Path(config.run_dir)
     recorded = run_dir / "config.yaml"
     if recorded.is_file():
@@ -67,7 +66,7 @@ def seed_run_state(config: Config, resumable_keys: tuple[str, ...], clean: bool 
     checkpoints = ckpt.step_checkpoints(run_dir)
     if checkpoints:
         return "finished" if checkpoints[-1][0] >= config.train.total_steps else "resume"
-    for name in BEFORE_FIRST_CHECKPOINT if clean else ():
+    for name in BEFORE_FIRST_CHECKPOINT:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -76,21 +75,38 @@ def seed_run_state(config: Config, resumable_keys: tuple[str, ...], clean: bool 
     return "start"
 
 
+def agreed_run_state(config: Config, resumable_keys: tuple[str, ...],
+                     context: DistContext) -> str:
+    """seed_run_state decided by rank 0 alone, once every rank has left the previous run, and
+    sent to the others: no rank reads a file that rank 0 is removing or still writing. A
+    refused folder is a UserError on every rank."""
+    barrier(context)
+    verdict: str | UserError | None = None  # filled in by rank 0
+    if context.is_main:
+        try:
+            verdict = seed_run_state(config, resumable_keys)
+        except UserError as error:
+            verdict = error
+    verdict = broadcast_object(context, verdict)
+    if isinstance(verdict, UserError):
+        raise verdict
+    return verdict
+
+
 def _silent(line: str) -> None:
     """What a rank other than 0 reports: nothing."""
 
 
 def train_seeds(config: Config, seeds: list[int], train_one: Callable[[Config, bool], object],
-                resumable_keys: tuple[str, ...], report: Callable[[str], None] = print) -> None:
+                resumable_keys: tuple[str, ...], context: DistContext,
+                report: Callable[[str], None] = print) -> None:
     """Train ``config`` once per seed, one after another: ``train_one(seed_config, resume)``
-    for each seed that has not finished. Under torchrun every process walks the seeds (each
-    train_one joins the process group); rank 0 alone reports and cleans folders. A rank cannot
-    see a folder rank 0 has begun to write: rank 0 writes only once every rank has joined."""
-    main = launched_rank() == 0
-    report = report if main else _silent  # rank 0 speaks for all
+    for each seed that has not finished. Under torchrun every process walks the seeds in the
+    one process group ``context``; rank 0 alone reads, cleans and reports the folders."""
+    report = report if context.is_main else _silent  # rank 0 speaks for all
     for seed in seeds:
         seeded = seed_config(config, seed)
-        state = seed_run_state(seeded, resumable_keys, clean=main)
+        state = agreed_run_state(seeded, resumable_keys, context)
         if state == "finished":
             report(f"seed {seed}: finished ({seeded.run_dir}), skipped")
             continue

@@ -29,7 +29,7 @@ from eagan.augment import DiffAugment
 from eagan.config import Config, config_differences, to_dict
 from eagan.data import (DeviceBatchSource, ImageFiles, ImageSet, LoaderBatchSource,
                         find_image_files, load_images, make_batch_source)
-from eagan.distributed import DistContext, barrier, broadcast_flag, init_distributed, shutdown
+from eagan.distributed import DistContext, barrier, broadcast_flag, process_group
 from eagan.errors import UserError, first_line
 from eagan.factory import build_discriminator, build_generator
 from eagan.files import atomic_output, ensure_writable_dir, remove_stale_temporaries
@@ -254,20 +254,21 @@ Evaluator = Callable[[nn.Module, int, int, int], dict[str, Any] | None]
 
 
 def train(config: Config, resume: bool = False, show_progress: bool = True,
-          make_evaluator: Callable[[torch.device], Evaluator] | None = None) -> TrainResult:
+          make_evaluator: Callable[[torch.device], Evaluator] | None = None,
+          context: DistContext | None = None) -> TrainResult:
     """Train G and D as ``config`` says, in ``config.run_dir``; ``resume`` continues the run
     there from its latest checkpoint. When ``config.eval.every`` is set, ``make_evaluator`` is
     called once with this process's device, once the process group is up, and the evaluator
-    it returns runs every ``config.eval.every`` steps."""
+    it returns runs every ``config.eval.every`` steps. ``context`` is the process group of a
+    command that trains several runs (``--seeds``); without it, train joins its own."""
     # ---- Processes, device, evaluator --------------------------------------------------------
-    context = init_distributed(config.train.device)
-    try:
-        evaluate = None
-        if make_evaluator is not None and config.eval.every:
-            evaluate = make_evaluator(context.device)
-        return _train(config, context, resume, show_progress, evaluate)
-    finally:
-        shutdown(context)
+    if context is None:
+        with process_group(config.train.device) as own_context:
+            return train(config, resume, show_progress, make_evaluator, own_context)
+    evaluate = None
+    if make_evaluator is not None and config.eval.every:
+        evaluate = make_evaluator(context.device)
+    return _train(config, context, resume, show_progress, evaluate)
 
 
 def _train(config: Config, context: DistContext, resume: bool, show_progress: bool,

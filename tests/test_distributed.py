@@ -18,6 +18,7 @@ from eagan.distributed import DistContext
 from eagan.losses import d_hinge_loss, g_hinge_loss
 from eagan.trainer import LatentSampler, StepOptions, discriminator_step, generator_step
 from tests.fakedata import make_image_set
+from tests.test_seeds import assert_same_networks, file_hashes
 from tests.test_trainer import tiny_gan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,3 +116,31 @@ def test_two_ranks_with_half_batches_match_one_rank(tmp_path):
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale,
                                    msg=name)
 
+
+
+def test_torchrun_seeds_share_one_process_group(tiny_config_path, tmp_path):
+    """--seeds under torchrun: both ranks walk the seeds in one process group; rank 0 alone
+    decides what each folder needs, restarts a seed stopped before its first checkpoint and
+    refuses a folder of another config on every rank (no rank left waiting)."""
+    seeds = ("--seeds", "0,1", "--set", "train.total_steps=2")
+    first = torchrun(tiny_config_path, *seeds)
+    assert first.returncode == 0, first.stderr[-2000:]
+    seed0, seed1 = tmp_path / "run" / "seed0", tmp_path / "run" / "seed1"
+    (tmp_path / "first1.pt").write_bytes(ckpt.step_path(seed1, 2).read_bytes())
+    for _, path in ckpt.step_checkpoints(seed1):  # as if stopped before its first checkpoint
+        path.unlink()
+    seed0_before = file_hashes(seed0)
+
+    again = torchrun(tiny_config_path, *seeds)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("seed 0: finished") == 1  # rank 0 alone reports
+    assert again.stdout.count("seed 1: training in") == 1
+    assert file_hashes(seed0) == seed0_before
+    assert_same_networks(tmp_path / "first1.pt", ckpt.step_path(seed1, 2))
+    assert len((seed1 / "stats.jsonl").read_text().splitlines()) == \
+        len((seed0 / "stats.jsonl").read_text().splitlines())
+
+    refused = torchrun(tiny_config_path, *seeds, "--set", "model.memory_size=4")
+    assert refused.returncode != 0
+    assert refused.stderr.count("seed0: holds a run of another config") == 2  # each rank
+    assert file_hashes(seed0) == seed0_before
