@@ -45,7 +45,7 @@ class _Stop(Exception):
 @pytest.fixture
 def device_spies(monkeypatch) -> dict[str, object]:
     """Pretend CUDA is present and catch the device each mode passes on: --sample to
-    generator_from_checkpoint, --eval also, --train to init_distributed (which resolves it on
+    generator_from_checkpoint, --eval also, --train to process_group (which resolves it on
     every rank)."""
     seen: dict[str, list] = {"checkpoint": [], "train": []}
 
@@ -57,7 +57,7 @@ def device_spies(monkeypatch) -> dict[str, object]:
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("eagan.cli.generator_from_checkpoint", spy("checkpoint", "device"))
-    monkeypatch.setattr("eagan.trainer.init_distributed", spy("train", "device_preference"))
+    monkeypatch.setattr("eagan.trainer.process_group", spy("train", "device_preference"))
     return seen
 
 
