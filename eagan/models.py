@@ -36,7 +36,9 @@ class Topology:
     Blocks are numbered from 1; attention goes after block ``*_attention_after``. The defaults
     are StudioGAN's SAGAN configs: CIFAR-10 attn_g_loc [2] / attn_d_loc [1] (16x16 in both),
     Tiny-ImageNet [3] / [1] (32x32), ImageNet 128 px (configs/ImageNet/SAGAN-256.yaml) [4] / [1]
-    (64x64 in both, where SAGAN's and BigGAN's 128 px models put it).
+    (64x64 in both, where SAGAN's and BigGAN's 128 px models put it). 16 px is not a StudioGAN
+    size: the 32 px networks one G block shorter, for data as small as the 8x8 digits of the CPU
+    demo, with attention at half the image size as there (8x8).
     """
 
     g_in: tuple[int, ...]
@@ -48,6 +50,9 @@ class Topology:
 
 
 TOPOLOGIES: dict[int, Topology] = {
+    16: Topology(g_in=(4, 4), g_out=(4, 4), d_out=(2, 2, 2, 2),
+                 d_downsample=(True, True, False, False),
+                 g_attention_after=1, d_attention_after=1),
     32: Topology(g_in=(4, 4, 4), g_out=(4, 4, 4), d_out=(2, 2, 2, 2),
                  d_downsample=(True, True, False, False),
                  g_attention_after=2, d_attention_after=1),

@@ -35,6 +35,14 @@ def fitted(measure):
     return classifier, real_spread, test
 
 
+def test_digits_at_16_and_32_px_give_the_same_native_features(measure):
+    """The measure reads a 16 px run (data.image_size: 16) as it reads a 32 px one: the real
+    digits resized to either size pool back to the same 8x8 to within a grey level."""
+    at_16, at_32 = (load_images("digits", "", "test", size, download=False) for size in (16, 32))
+    features_16, features_32 = measure.to_native(at_16.images), measure.to_native(at_32.images)
+    assert abs(features_16 - features_32).max() < 1 / 255
+
+
 def test_to_native_undoes_the_demo_upsampling_to_8x8(measure):
     images = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
     images[:, :, :4, :4] = 255  # one native pixel

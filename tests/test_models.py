@@ -37,7 +37,7 @@ def _set_gammas(network, value):
 
 
 # 128 px only class-conditional, to keep the file fast on two CPU cores.
-SHAPE_CASES = [(size, classes) for size in (32, 64) for classes in (0, 5)] + [(128, 5)]
+SHAPE_CASES = [(size, classes) for size in (16, 32, 64) for classes in (0, 5)] + [(128, 5)]
 
 
 @pytest.mark.parametrize("attention", ATTENTION_KINDS)
@@ -61,8 +61,9 @@ def test_output_shapes_and_range(image_size, num_classes, attention):
 
 # Hand counts with attention "none". G: linear + 3 convs per block (+ 4 embeddings per block when
 # conditional) + output conv. D: 3 convs in every block with a 1x1 shortcut, 2 in blocks that
-# neither downsample nor widen (32 px blocks 3-4, 128 px block 6) + linear (+ embedding).
+# neither downsample nor widen (16 and 32 px blocks 3-4, 128 px block 6) + linear (+ embedding).
 @pytest.mark.parametrize("image_size, num_classes, g_layers, d_layers", [
+    (16, 10, 1 + 2 * 7 + 1, 3 + 3 + 2 + 2 + 1 + 1),
     (32, 10, 1 + 3 * 7 + 1, 3 + 3 + 2 + 2 + 1 + 1),
     (32, 0, 1 + 3 * 3 + 1, 3 + 3 + 2 + 2 + 1),
     (64, 10, 1 + 4 * 7 + 1, 5 * 3 + 1 + 1),
@@ -139,6 +140,7 @@ def test_every_parameter_gets_a_finite_gradient(num_classes, attention):
 
 
 @pytest.mark.parametrize("image_size, kwargs, g_shape, d_shape", [
+    (16, {}, (4 * BASE, 8, 8), (2 * BASE, 8, 8)),
     (32, {}, (4 * BASE, 16, 16), (2 * BASE, 16, 16)),
     (64, {}, (2 * BASE, 32, 32), (BASE, 32, 32)),
     (128, {}, (2 * BASE, 64, 64), (BASE, 64, 64)),
@@ -200,8 +202,8 @@ def test_conditional_networks_require_labels():
 
 
 @pytest.mark.parametrize("network, kwargs, message", [
-    (Generator, {"image_size": 48}, "image_size must be one of 32, 64, 128"),
-    (Discriminator, {"image_size": 256}, "image_size must be one of 32, 64, 128"),
+    (Generator, {"image_size": 48}, "image_size must be one of 16, 32, 64, 128"),
+    (Discriminator, {"image_size": 256}, "image_size must be one of 16, 32, 64, 128"),
     (Generator, {"attention_after": 0}, "from 1 to 3"),
     (Generator, {"attention_after": 4}, "from 1 to 3"),
     (Discriminator, {"attention_after": 5}, "from 1 to 4"),
