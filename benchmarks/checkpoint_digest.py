@@ -63,7 +63,7 @@ def training_payload(config: Config, num_classes: int = 10) -> dict:
         "scaler_g": gan.scaler_g.state_dict(), "scaler_d": gan.scaler_d.state_dict(),
         "data_order": [batches.state_dict()], "latents": latents.state_dict(),
         "rng": [{"torch": torch.get_rng_state()}],
-        "fixed_z": torch.randn(100, config.model.z_dim), "best_fid": 14.1,
+        "fixed_z": torch.randn(100, config.model.z_dim), "best_score": 14.1, "best_metric": "fid",
     }
 
 

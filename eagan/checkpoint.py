@@ -78,7 +78,8 @@ _NETWORK_NAMES = {"generator": "generator", "discriminator": "discriminator",
 def save_training_state(path: Path, state: TrainingState, context: DistContext,
                         **values: Any) -> None:
     """Gather every rank's data order and RNG states to rank 0, which writes ``state`` and the
-    plain ``values`` (step, config, num_classes, class_names, fixed_z, best_fid) to ``path``.
+    plain ``values`` (step, config, num_classes, class_names, fixed_z, best_score, best_metric)
+    to ``path``.
     Called on every rank."""
     rng_states = gather_to_main(context, capture_rng())
     data_orders = gather_to_main(context, state.data_order.state_dict())
@@ -90,6 +91,15 @@ def save_training_state(path: Path, state: TrainingState, context: DistContext,
             component = getattr(state, field.name)
             payload[field.name] = None if component is None else component.state_dict()
     save_checkpoint(payload, path)
+
+
+def best_score(payload: dict[str, Any], metric: str) -> float | None:
+    """The lowest ``metric`` (the protocol's primary distance) a run has seen, or None when the
+    checkpoint holds another metric's best (the protocol changed) or none. Checkpoints written
+    before the digits protocol existed hold it as best_fid."""
+    if "best_score" in payload:
+        return payload["best_score"] if payload.get("best_metric") == metric else None
+    return payload.get("best_fid") if metric == "fid" else None
 
 
 def restore_training_state(payload: dict[str, Any], path: Path, state: TrainingState,

@@ -325,3 +325,8 @@ def _check_consistency(config: Config, source: str) -> None:
                         f"model.conditional is false (an unconditional run)")
     if config.train.ema_start_step and not config.train.ema_decay:
         raise UserError(f"{source}: train.ema_start_step: set train.ema_decay > 0 to use an EMA")
+    if config.eval.protocol == "digits" and (config.data.dataset != "digits"
+                                             or not config.model.conditional):
+        raise UserError(f"{source}: eval.protocol: 'digits' scores class-conditional generators "
+                        f"of data.dataset digits, got dataset {config.data.dataset!r}"
+                        f"{'' if config.model.conditional else ', unconditional'}")

@@ -735,15 +735,19 @@ def _result_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def format_results_table(results: Sequence[Mapping[str, Any]]) -> str:
-    """A text table of evaluate_generator results, one column per result (e.g. per BN mode);
-    a row whose values all agree is printed once, then every warning once."""
-    columns = [_result_rows(result) for result in results]
+    """A text table of evaluate_generator results, one column per result (e.g. per BN mode)."""
+    warnings = dict.fromkeys(warning for result in results for warning in result["warnings"])
+    return side_by_side([_result_rows(result) for result in results], list(warnings))
+
+
+def side_by_side(columns: Sequence[Sequence[tuple[str, str]]], notes: Sequence[str]) -> str:
+    """Rows of (label, value), one column per result: a row whose values all agree is printed
+    once; then every note (a warning) once."""
     width = max(len(label) for label, _ in columns[0])
     lines = []
     for index, (label, first) in enumerate(columns[0]):
         values = [column[index][1] for column in columns]
         joined = first if all(value == first for value in values) else "  |  ".join(values)
         lines.append(f"{label:<{width}}  {joined}")
-    warnings = dict.fromkeys(warning for result in results for warning in result["warnings"])
-    lines += [f"{'WARNING':<{width}}  {warning}" for warning in warnings]
+    lines += [f"{'WARNING':<{width}}  {note}" for note in notes]
     return "\n".join(lines)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from eagan.data import HELD_OUT_SPLITS
 from eagan.errors import UserError
 
+# The digits protocol's scorer: a classifier fitted on real digits (eagan/digits_eval.py).
+DIGITS_ENGINE = "digits-svc"
 # How the generator's BatchNorm normalises while it is evaluated or sampled (sampling.bn_mode).
 BN_MODES = ("batch", "running")
 
@@ -23,10 +25,11 @@ class ProtocolPreset:
     reference: str  # "held-out" (the dataset's test/val split) or "train"
     is_splits: int
     bn_mode: str  # default; "batch": BN normalises with batch statistics; "running": eval BN
-    engine: str  # one of metrics.ENGINES
+    engine: str  # one of metrics.ENGINES, or DIGITS_ENGINE
     is_own_samples: bool  # IS on its own sample set (True) or on FID's
     train_batch_generation: bool  # generate in batches of the training batch size
     description: str
+    primary: str = "fid"  # the distance (lower is better) the best checkpoint follows
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Protocol:
     engine: str
     is_own_samples: bool
     train_batch_generation: bool
+    primary: str = "fid"
     # Set when the preset asks for a held-out split the dataset does not have.
     reference_note: str | None = None
 
@@ -61,6 +65,15 @@ PROTOCOLS: dict[str, ProtocolPreset] = {
         description="torch-fidelity's TF-exact Inception on uint8, 50k generated vs the "
                     "training split, IS with 10 splits on the same 50k, BN running statistics, "
                     "uniform labels"),
+    "digits": ProtocolPreset(
+        name="digits", num_samples=1000, reference="held-out", is_splits=0,
+        bn_mode="batch", engine=DIGITS_ENGINE, is_own_samples=False,
+        train_batch_generation=True, primary="fd",
+        description="scikit-learn digits only: class accuracy, within-class spread and a "
+                    "Frechet distance (FD) in the decision values of an SVC fitted on the "
+                    "training digits, against the 360 held-out digits; 1,000 images, classes "
+                    "in turn, full batches of the training batch size, BN batch statistics "
+                    "(as the sample grids); not FID"),
 }
 
 def resolve_protocol(name: str, dataset: str, num_samples_override: int | None = None, *,
@@ -96,4 +109,5 @@ def resolve_protocol(name: str, dataset: str, num_samples_override: int | None =
     return Protocol(name=name, num_samples=num_samples, reference_split=split,
                     is_splits=preset.is_splits, bn_mode=mode, engine=preset.engine,
                     is_own_samples=preset.is_own_samples,
-                    train_batch_generation=preset.train_batch_generation, reference_note=note)
+                    train_batch_generation=preset.train_batch_generation,
+                    primary=preset.primary, reference_note=note)

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import random
+import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from eagan.factory import build_discriminator, build_generator
 from eagan.files import atomic_output, ensure_writable_dir, remove_stale_temporaries
 from eagan.losses import LOSSES
 from eagan.models import attention_gammas, count_parameters
+from eagan.protocols import PROTOCOLS
 from eagan.sampling import bn_mode, class_grid_labels, grid_image
 from eagan.tracking import Tracker
 from eagan.visualize import attention_figure
@@ -45,19 +47,26 @@ RESUMABLE_KEYS = ("train.total_steps", "train.log_every", "train.sample_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.device",
                   "data.root", "data.num_workers", "run_dir", "eval.")
 
-# Evaluation results logged as scalars, when the evaluation computed them.
+# Evaluation results logged as scalars, when the evaluation computed them: the Inception
+# protocols' and the digits protocol's.
 METRIC_SCALARS = {"fid": "Metrics/fid", "is_mean": "Metrics/is_mean", "is_std": "Metrics/is_std",
                   "kid_mean": "Metrics/kid_mean", "kid_std": "Metrics/kid_std",
-                  "precision": "Metrics/precision", "recall": "Metrics/recall"}
+                  "precision": "Metrics/precision", "recall": "Metrics/recall",
+                  "fd": "Metrics/fd", "class_accuracy": "Metrics/class_accuracy",
+                  "min_class_accuracy": "Metrics/min_class_accuracy",
+                  "class_spread": "Metrics/class_spread"}
 
 
 def evaluation_labels(result: dict[str, Any]) -> dict[str, Any]:
     """What makes an evaluation's numbers comparable, for its stats.jsonl line: protocol,
-    sample count, reference, BN mode, EMA and the Inception weights' sha256."""
-    weights = result["inception"]["weights_sha256"]
+    sample count, reference, BN mode, EMA and the scorer's sha256 (the Inception weights', or
+    the digits classifier's digest)."""
+    scorer = result["inception"]["weights_sha256"] if "inception" in result \
+        else result["classifier"]["digest"]
     return {"Eval/protocol": result["protocol"], "Eval/num_samples": result["num_samples"],
             "Eval/reference": result["reference"]["name"], "Eval/bn_mode": result["bn_mode"],
-            "Eval/ema": result["ema"], "Eval/inception_sha256": weights}
+            "Eval/ema": result["ema"], "Eval/inception_sha256" if "inception" in result
+            else "Eval/classifier_sha256": scorer}
 
 
 class NonFiniteLoss(UserError):
@@ -77,7 +86,7 @@ class EvaluationFailed(UserError):
 class TrainResult:
     run_dir: Path
     step: int
-    best_fid: float | None = None
+    best_score: float | None = None  # the lowest of the protocol's primary distance
 
 
 @dataclass
@@ -312,11 +321,14 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
         generator=generator, discriminator=discriminator, generator_ema=generator_ema,
         optimizer_g=gan.opt_g, optimizer_d=gan.opt_d, scaler_g=gan.scaler_g,
         scaler_d=gan.scaler_d, latents=latents, data_order=batches)
-    start_step, best_fid = 0, None
+    # best.pt follows the lowest value of the protocol's primary distance (FID, or FD).
+    best_metric = PROTOCOLS[config.eval.protocol].primary
+    start_step, best_score = 0, None
     if payload is not None:
         ckpt.restore_training_state(payload, resume_from, state, context)
         fixed_z = payload["fixed_z"].to(device)
-        start_step, best_fid = payload["step"], payload.get("best_fid")
+        start_step = payload["step"]
+        best_score = ckpt.best_score(payload, best_metric)
 
     if context.is_main and resume_from is None:
         with atomic_output(run_dir / "config.yaml") as tmp_path:
@@ -327,7 +339,8 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
         ckpt.save_training_state(path, state, context, step=step, config=to_dict(config),
                                  num_classes=num_classes,
                                  class_names=list(dataset.class_names),
-                                 fixed_z=fixed_z.cpu(), best_fid=best_fid)
+                                 fixed_z=fixed_z.cpu(), best_score=best_score,
+                                 best_metric=best_metric)
 
     # ---- Logging ------------------------------------------------------------------------------
     tracker = Tracker(run_dir, truncate_after=start_step) if context.is_main else None
@@ -405,8 +418,8 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
                                               METRIC_SCALARS.items() if key in results},
                                            "Timing/eval_sec": results["elapsed_s"]},
                                     labels=evaluation_labels(results))
-                    improved = best_fid is None or results["fid"] < best_fid
-                    best_fid = results["fid"] if improved else best_fid
+                    improved = best_score is None or results[best_metric] < best_score
+                    best_score = results[best_metric] if improved else best_score
                 if broadcast_flag(context, improved):
                     save(step, run_dir / ckpt.BEST_NAME)
 
@@ -421,9 +434,9 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
 
     if context.is_main:
         why = " on a signal" if stop_request.requested else ""
-        best = f"best FID {best_fid:.3f}, " if best_fid is not None else ""
+        best = f"best {best_metric} {best_score:.3f}, " if best_score is not None else ""
         tqdm.write(f"stopped at step {step}{why}: {best}checkpoints, logs and grids in {run_dir}")
-    return TrainResult(run_dir=run_dir, step=step, best_fid=best_fid)
+    return TrainResult(run_dir=run_dir, step=step, best_score=best_score)
 
 
 def check_finite(step: int, d_bad: Tensor, loss_g: Tensor, run_dir: Path) -> None:
@@ -438,7 +451,7 @@ def check_finite(step: int, d_bad: Tensor, loss_g: Tensor, run_dir: Path) -> Non
 def tick_statistics(gan: GANModules, mean_losses: dict[str, float],
                     steps_per_sec: float) -> dict[str, float]:
     """The scalars logged once per tick: the mean losses (LossMeans.pop), learning rates,
-    speed, every attention gate and the peak GPU memory."""
+    speed, every attention gate and the peak memory (GPU, else the process's resident)."""
     stats = dict(mean_losses)
     stats.update({
         "Progress/lr_g": gan.opt_g.param_groups[0]["lr"],
@@ -451,6 +464,8 @@ def tick_statistics(gan: GANModules, mean_losses: dict[str, float],
     device = next(gan.generator.parameters()).device
     if device.type == "cuda":
         stats["Resources/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # the process's peak resident memory so far (Linux reports KiB)
+        stats["Resources/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return stats
 
 

@@ -63,7 +63,7 @@ def test_torchrun_evaluates_across_ranks(tiny_config_path, tmp_path, standin_wei
              .splitlines()]
     fids = [line["Metrics/fid"] for line in stats if "Metrics/fid" in line]
     assert len(fids) == 1 and math.isfinite(fids[0])  # logged once, by rank 0
-    assert ckpt.load_checkpoint(tmp_path / "run" / "best.pt")["best_fid"] == fids[0]
+    assert ckpt.load_checkpoint(tmp_path / "run" / "best.pt")["best_score"] == fids[0]
 
 
 def first_step(rank: int, world_size: int, port: int, out: Path) -> None:

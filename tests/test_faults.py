@@ -243,7 +243,7 @@ def test_full_disk_at_best_keeps_the_previous_best(tiny_config_path, tmp_path, m
     assert err == (f"error: {run_dir / 'best.pt'}: cannot write the checkpoint (No space left "
                    f"on device); the previous files are kept\n")
     best = ckpt.load_checkpoint(run_dir / "best.pt")
-    assert (best["step"], best["best_fid"]) == (2, 98.0)
+    assert (best["step"], best["best_score"], best["best_metric"]) == (2, 98.0, "fid")
     assert [step for step, _ in ckpt.step_checkpoints(run_dir)] == [2]
     assert not list(run_dir.glob(".*.tmp"))
 
