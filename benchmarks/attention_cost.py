@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
-from eagan.attention import build_attention  # noqa: E402
+from eagan.nets.attention import build_attention  # noqa: E402
 
 KINDS = ("self", "external", "efficient")
 MEMORY_SIZE = 64  # S, the paper's best

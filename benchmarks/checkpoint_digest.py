@@ -1,7 +1,7 @@
 """What the checkpoint digest costs, on a checkpoint of a config's size (G, D, both Adam
 states, the data order of CIFAR-10's training split).
 
-The digest (eagan/checkpoint.py) is torch.save's own CRC-32 of every record plus our sha256 of
+The digest (eagan/train/checkpoint.py) is torch.save's own CRC-32 of every record plus our sha256 of
 the archive's bookkeeping. It checks one goal and prints a PASS/MISS line for it: computing the
 sha256 footer takes under 5% of the save (eagan's save: torch.save, footer, fsync, rename). For
 comparison it prints what the CRC-32s cost inside torch.save (on by default in PyTorch; eagan
@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
-from eagan import checkpoint as ckpt  # noqa: E402
+from torch.utils.serialization import config as serialization_config  # noqa: E402
+
 from eagan.config import Config, load_config, to_dict  # noqa: E402
 from eagan.data import ImageSet, make_batch_source  # noqa: E402
-from eagan.distributed import DistContext  # noqa: E402
 from eagan.files import atomic_output  # noqa: E402
-from eagan.trainer import LatentSampler, build_gan  # noqa: E402
-from torch.utils.serialization import config as serialization_config  # noqa: E402
+from eagan.train import checkpoint as ckpt  # noqa: E402
+from eagan.train.distributed import DistContext  # noqa: E402
+from eagan.train.steps import LatentSampler, build_gan  # noqa: E402
 
 DIGEST_GOAL = 0.05  # of the save time
 CIFAR10_TRAIN = 50_000  # images whose order the checkpoint holds
@@ -125,7 +126,7 @@ def main() -> None:
         ("checkpoint size", f"{len(data) / 2**20:.1f} MiB"),
         ("save: torch.save (CRC-32s on), fsync, rename", ms(save_plain)),
         ("the same with torch.save's CRC-32s off", ms(save_no_crc)),
-        ("save with digest (eagan.checkpoint.save_checkpoint)", ms(save_digest)),
+        ("save with digest (eagan.train.checkpoint.save_checkpoint)", ms(save_digest)),
         ("  of which the sha256 footer", ms(footer)),
         ("footer share of the save", f"{share:.2%}"),
         ("(a sha256 of every byte instead)", ms(every_byte)),

@@ -1,5 +1,5 @@
 """Does torch.compile train the same networks as eager mode? One training step of a config,
-run by eagan.trainer.train twice from the same seed: eager, then with train.compile on (the
+run by eagan.train.loop.train twice from the same seed: eager, then with train.compile on (the
 default inductor backend, or --backend), and the losses logged for that step compared.
 
 It checks one goal and prints a PASS/MISS line for it: every loss of the compiled step is within
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
-from eagan import checkpoint as ckpt  # noqa: E402
 from eagan.config import load_config  # noqa: E402
 from eagan.errors import UserError  # noqa: E402
-from eagan.trainer import train  # noqa: E402
+from eagan.train import checkpoint as ckpt  # noqa: E402
+from eagan.train.loop import train  # noqa: E402
 
 LOSS_TOLERANCE = 1e-4  # relative
 ONE_STEP = ["train.total_steps=1", "train.log_every=1", "train.checkpoint_every=1",

@@ -1,4 +1,4 @@
-"""Evaluation throughput: images per second through EAGAN's evaluation path (eagan.metrics:
+"""Evaluation throughput: images per second through EAGAN's evaluation path (eagan.eval.inception:
 Inception.load, then Inception.generator_features and the Inception Score, as one evaluation of
 a checkpoint runs them) against calling torch_fidelity.calculate_metrics directly on the same
 generator, the same sample count, batch size and seed.
@@ -35,11 +35,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 from eagan.config import Config, load_config  # noqa: E402
 from eagan.errors import UserError  # noqa: E402
-from eagan.factory import build_generator  # noqa: E402
-from eagan.metrics import (IS_LAYER, WEIGHTS_FILENAME, Inception,  # noqa: E402
-                           UnconditionalSampler, bn_mode, inception_score_from_logits)
-from eagan.models import count_parameters  # noqa: E402
-from eagan.protocols import PROTOCOLS  # noqa: E402
+from eagan.eval.inception import (IS_LAYER, WEIGHTS_FILENAME, Inception,  # noqa: E402
+                                  UnconditionalSampler)
+from eagan.eval.protocols import PROTOCOLS  # noqa: E402
+from eagan.eval.scores import inception_score_from_logits  # noqa: E402
+from eagan.nets.bn_mode import bn_mode  # noqa: E402
+from eagan.nets.factory import build_generator  # noqa: E402
+from eagan.nets.models import count_parameters  # noqa: E402
 from eagan.sampling import load_generator  # noqa: E402
 
 # Our path runs torch-fidelity's own sampling loop, so the two should time alike; this much

@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout, no install
 sys.path.insert(0, str(REPO / "benchmarks"))
 import attention_cost  # noqa: E402
+
 from tests.fakedata import write_cifar10, write_tiny_imagenet  # noqa: E402
 from tests.inception_standin import build_standin_inception_weights  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Training throughput of a config on this machine: iterations (G steps) and real images per
 second, the time of a step split into data, D step, G step, bookkeeping and logging, and peak
-memory, with the framework's own pieces (eagan.trainer's steps, eagan.data's batch sources).
+memory, with the framework's own pieces (eagan.train.loop's steps, eagan.data.datasets's batch sources).
 
 It checks one goal and prints a PASS/MISS line for it: the framework's own overhead (data,
 bookkeeping and logging) is under 5% of a step.
@@ -28,13 +28,14 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 from eagan.config import Config, load_config  # noqa: E402
 from eagan.data import DeviceBatchSource, LoaderBatchSource  # noqa: E402
-from eagan.distributed import DistContext, resolve_device  # noqa: E402
 from eagan.errors import UserError  # noqa: E402
-from eagan.models import count_parameters  # noqa: E402
-from eagan.tracking import Tracker  # noqa: E402
-from eagan.trainer import (GANModules, LatentSampler, LossMeans, StepOptions,  # noqa: E402
-                           build_gan, check_finite, open_training_data, resolve_precision,
-                           tick_statistics, train_iteration, update_ema)
+from eagan.nets.models import count_parameters  # noqa: E402
+from eagan.train.distributed import DistContext, resolve_device  # noqa: E402
+from eagan.train.loop import check_finite, open_training_data
+from eagan.train.maintenance import tick_statistics
+from eagan.train.steps import (GANModules, LatentSampler, LossMeans, StepOptions, build_gan,
+                               resolve_precision, train_iteration, update_ema)
+from eagan.train.tracking import Tracker  # noqa: E402
 
 OVERHEAD_GOAL = 0.05  # data + bookkeeping + logging, as a share of a step
 PHASES = ("data", "d_step", "g_step", "bookkeeping", "logging")

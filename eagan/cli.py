@@ -9,12 +9,13 @@ import argparse
 import functools
 import sys
 
-from eagan.checkpoint import load_checkpoint, resolve_checkpoint_arg
 from eagan.config import Config, apply_overrides, load_config
-from eagan.distributed import process_group, resolve_device
 from eagan.errors import UserError
-from eagan.protocols import BN_MODES, PROTOCOLS
+from eagan.eval.protocols import PROTOCOLS
+from eagan.nets.bn_mode import BN_MODES
 from eagan.sampling import generator_from_checkpoint, write_samples
+from eagan.train.checkpoint import load_checkpoint, resolve_checkpoint_arg
+from eagan.train.distributed import process_group, resolve_device
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -54,17 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-samples", type=int, help="generated images (eval or sample)")
     parser.add_argument("--inception-weights", help="local Inception weights file")
     parser.add_argument("--bn-mode", metavar="MODE[,MODE]",
-                        help="generator BatchNorm mode for evaluation: running, batch, or "
-                             "(--eval only) both / running,batch to report each (default: "
-                             "eval.bn_mode, else the protocol's)")
+                        help="generator BatchNorm mode: running or batch; --eval also takes "
+                             "both (or running,batch) to report each. Default for --eval: "
+                             "eval.bn_mode, else the protocol's; for --sample: batch, as the "
+                             "training grids")
     parser.add_argument("--out", help="output folder for --sample (default: samples/) or "
                                       "--report (default: reports/report-<time>)")
     parser.add_argument("--last-k", type=int, default=3,
                         help="--report: also compare the mean of the last K evaluations")
-    parser.add_argument("--class-accuracy", action="store_true",
-                        help="--report: add the digits demo's class accuracy of each run")
-    parser.add_argument("--bn", choices=BN_MODES, default="batch",
-                        help="generator BatchNorm mode for --sample (default: batch)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--interpolate", action="store_true",
                         help="also write a latent interpolation grid")
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report:
             from eagan.report import write_report
 
-            write_report(args.report, args.out, args.last_k, args.class_accuracy,
+            write_report(args.report, args.out, args.last_k,
                          command="run.py " + " ".join(sys.argv[1:] if argv is None else argv))
             return 0
         if args.config is None and args.train:
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(config.train.device)
         if args.eval:
             # Imported here: the Inception engines take seconds to import.
-            from eagan.evaluation import evaluate_checkpoint
+            from eagan.eval.runs import evaluate_checkpoint
 
             sampled = generator_from_checkpoint(payload, checkpoint, device=device,
                                                 ema=not args.raw and config.eval.use_ema)
@@ -115,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                                             device=device)
         for output in write_samples(sampled, checkpoint, args.out or "samples",
                                     num_samples=args.num_samples or 1000, seed=args.seed,
-                                    bn=args.bn, interpolate=args.interpolate,
+                                    bn=bn_modes[0] if bn_modes else "batch",
+                                    interpolate=args.interpolate,
                                     attention=args.attention):
             print(output)
         return 0
@@ -150,9 +149,10 @@ def _config_overrides(args: argparse.Namespace, bn_modes: list[str] | None) -> l
 
 
 def _train(config: Config, args: argparse.Namespace) -> int:
-    from eagan.evaluation import make_training_evaluator
-    from eagan.seeds import parse_seeds, train_seeds
-    from eagan.trainer import RESUMABLE_KEYS, train
+    from eagan.eval.runs import make_training_evaluator
+    from eagan.train.loop import train
+    from eagan.train.run_dir import RESUMABLE_KEYS
+    from eagan.train.seeds import parse_seeds, train_seeds
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     # Cached: --seeds loads Inception and the reference images once for all its runs (the
@@ -177,8 +177,8 @@ def _parse_bn_modes(text: str, several_allowed: bool) -> list[str]:
         raise UserError(f"--bn-mode: expected running, batch, both or running,batch, "
                         f"got {text!r}")
     if len(modes) > 1 and not several_allowed:
-        raise UserError(f"--bn-mode: only --eval reports several modes; training evaluates in "
-                        f"one, got {text!r}")
+        raise UserError(f"--bn-mode: only --eval reports several modes; --train and --sample "
+                        f"use one, got {text!r}")
     return modes
 
 

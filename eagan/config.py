@@ -16,12 +16,13 @@ from typing import Any
 
 import yaml
 
-from eagan.attention import ATTENTION_KINDS
-from eagan.augment import parse_policy
 from eagan.errors import UserError
-from eagan.losses import LOSSES
-from eagan.models import TOPOLOGIES
-from eagan.protocols import BN_MODES, PROTOCOLS
+from eagan.eval.protocols import PROTOCOLS
+from eagan.nets.attention import ATTENTION_KINDS
+from eagan.nets.augment import parse_policy
+from eagan.nets.bn_mode import BN_MODES
+from eagan.nets.losses import LOSSES
+from eagan.nets.models import TOPOLOGIES
 
 DATASETS = ("cifar10", "tiny_imagenet", "folder", "digits")
 METRICS = ("fid", "is", "kid", "prc")
@@ -78,7 +79,7 @@ class TrainConfig:
     ema_decay: float = option(0.0, min=0.0, max=1.0)  # 0 keeps no EMA generator
     ema_start_step: int = option(0, min=0)
     # DiffAugment policy for every image D sees, e.g. "color,translation,cutout"; "" is off
-    # (the recipe). Not in the paper; made for small training sets (eagan/augment.py).
+    # (the recipe). Not in the paper; made for small training sets (eagan/nets/augment.py).
     augment: str = ""
     seed: int = option(0, min=0)
     # "auto": bf16 autocast on a GPU that supports it, else fp32. The paper configs say fp32.

@@ -2,8 +2,8 @@
 and ``load_generator``, which needs nothing but a checkpoint."""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import io
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -11,45 +11,20 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.utils import make_grid
 
-from eagan.checkpoint import load_checkpoint, load_weights
 from eagan.config import Config, config_from_dict
 from eagan.errors import UserError
-from eagan.factory import build_generator
 from eagan.files import atomic_output, ensure_writable_dir
-from eagan.protocols import BN_MODES
+from eagan.nets.bn_mode import bn_mode
+from eagan.nets.factory import build_generator
+from eagan.train.checkpoint import load_checkpoint, load_weights
+from eagan.visualize import attention_caption, attention_figure
 
 GRID_MAX_CLASS_ROWS = 10  # Tiny-ImageNet's 200 classes would make a 200-row grid
-
-
-@contextlib.contextmanager
-def bn_mode(generator: nn.Module, mode: str) -> Iterator[nn.Module]:
-    """Put ``generator`` in evaluation mode with BatchNorm in ``mode``; restore it on exit.
-
-    "running": plain eval mode (BN uses its running statistics). "batch": only the BN layers
-    normalise with the statistics of each batch (StudioGAN's -stat_otf) and, with
-    track_running_stats off, leave their buffers untouched; every other module stays in eval
-    mode, so spectral norm does no power iteration and the generator's state is unchanged.
-    """
-    if mode not in BN_MODES:
-        raise ValueError(f"BN mode {mode!r} is not one of {BN_MODES}")
-    training = {module: module.training for module in generator.modules()}
-    batch_norms = [m for m in generator.modules() if isinstance(m, _BatchNorm)]
-    tracking = {module: module.track_running_stats for module in batch_norms}
-    generator.eval()
-    if mode == "batch":
-        for module in batch_norms:
-            module.train()
-            module.track_running_stats = False
-    try:
-        yield generator
-    finally:
-        for module, flag in training.items():
-            module.training = flag
-        for module, flag in tracking.items():
-            module.track_running_stats = flag
+# Written pictures are enlarged until each image is at least this wide (TensorBoard keeps the
+# generator's size): a 16-pixel digit would otherwise be a few pixels in a README.
+READABLE_WIDTH = 64
 
 
 def class_grid_labels(num_classes: int, per_row: int, device: torch.device) -> Tensor | None:
@@ -70,6 +45,42 @@ def to_uint8(images: Tensor) -> Tensor:
 def grid_image(images: Tensor, per_row: int) -> Tensor:
     """(B, 3, H, W) in [-1, 1] to one (3, H', W') float grid in [0, 1]."""
     return make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=per_row, padding=2)
+
+
+def readable(grid: Tensor, image_size: int) -> Tensor:
+    """A (3, H, W) grid of image_size-pixel images, enlarged by the smallest integer factor that
+    makes each image at least READABLE_WIDTH pixels wide (nearest neighbour: every generated
+    pixel stays one sharp square)."""
+    scale = -(-READABLE_WIDTH // image_size)
+    return grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def captioned(figure: Tensor, title: str, columns: list[str]) -> Tensor:
+    """``figure`` (3, H, W) in [0, 1] with ``title`` above it and one heading per column of
+    equal-width tiles, drawn at one figure pixel per image pixel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height, width = figure.shape[-2:]
+    dpi, header = 100, 60
+    fig = plt.figure(figsize=(width / dpi, (height + header) / dpi), dpi=dpi)
+    axes = fig.add_axes((0, 0, 1, height / (height + header)))
+    axes.imshow(figure.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+    axes.set_axis_off()
+    tile = width / len(columns)
+    for index, name in enumerate(columns):
+        fig.text((index + 0.5) * tile / width, height / (height + header) + 4 / (height + header),
+                 name, ha="center", va="bottom", fontsize=7)
+    fig.text(0.5, 1 - 4 / (height + header), textwrap.fill(title, width=max(40, width // 7)),
+             ha="center", va="top", fontsize=7)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        pixels = torch.from_numpy(np.array(image.convert("RGB")))
+    return pixels.permute(2, 0, 1).float() / 255
 
 
 def save_png(grid: Tensor, path: Path) -> None:
@@ -176,20 +187,19 @@ def write_samples(sampler: SampledGenerator, path: Path, out_dir: str | Path, *,
                   per_row: int = 8) -> list[Path]:
     """What ``--sample`` writes for the generator of checkpoint ``path``: a class grid,
     ``num_samples`` images as .npz and, on request, a latent interpolation grid and the
-    attention figure. Everything is drawn before the first file is written, so a generator
-    without attention loses nothing."""
-    # visualize.py draws through bn_mode above; importing it at the top would be circular.
-    from eagan.visualize import attention_figure
-
+    attention figure with its caption. Pictures are enlarged to be read (see ``readable``).
+    Everything is drawn before the first file is written, so a generator without attention
+    loses nothing."""
     device = sampler.device
     labels = class_grid_labels(sampler.num_classes, per_row, torch.device("cpu"))
     count = len(labels) if labels is not None else per_row * per_row
     outputs: dict[str, Tensor] = {}
     images, _ = sampler.sample(count, labels=labels, seed=seed, bn=bn)
-    outputs["grid.png"] = grid_image(images, per_row)
+    image_size = images.shape[-1]
+    outputs["grid.png"] = readable(grid_image(images, per_row), image_size)
     if interpolate:
-        outputs["interpolation.png"] = grid_image(
-            sampler.interpolate(rows=8, steps=per_row, seed=seed, bn=bn), per_row)
+        outputs["interpolation.png"] = readable(grid_image(
+            sampler.interpolate(rows=8, steps=per_row, seed=seed, bn=bn), per_row), image_size)
     if attention:
         rng = torch.Generator().manual_seed(seed)
         z = torch.randn(per_row, sampler.generator.z_dim, generator=rng).to(device)
@@ -198,7 +208,8 @@ def write_samples(sampler: SampledGenerator, path: Path, out_dir: str | Path, *,
         figure = attention_figure(sampler.generator, z, figure_labels)
         if figure is None:
             raise UserError(f"{path}: --attention: this generator has no attention block")
-        outputs["attention.png"] = figure
+        title, columns = attention_caption(sampler.generator, z, figure_labels)
+        outputs["attention.png"] = captioned(readable(figure, image_size), title, columns)
     images, labels = sampler.sample(num_samples, seed=seed, bn=bn)
 
     out_dir = ensure_writable_dir(out_dir, "the output folder")

@@ -3,6 +3,8 @@
 For external attention, each chosen memory unit's share of every pixel; for self-attention,
 where chosen query pixels look; for efficient attention, the global maps of chosen key channels.
 Each row of a figure is one sample: the image, then one heat map per unit or query.
+``attention_figure`` is the bare grid (TensorBoard shows it at the generator's size);
+``attention_caption`` says what its rows and columns are, for the figure ``--sample`` writes.
 """
 from __future__ import annotations
 
@@ -12,17 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from eagan.attention import GatedAttention2d, SelfAttention2d
-from eagan.sampling import bn_mode
+from eagan.nets.attention import ExternalAttention2d, GatedAttention2d, SelfAttention2d
+from eagan.nets.bn_mode import bn_mode
 
 MAPS_PER_IMAGE = 6
 
 
 @torch.no_grad()
 def generator_attention(generator: nn.Module, z: Tensor, labels: Tensor | None,
-                        bn: str = "batch") -> tuple[Tensor, Tensor] | None:
-    """Images (B, 3, H, W) in [-1, 1] and the attention block's maps (B, K, h, w), or None when
-    the generator has no attention block."""
+                        bn: str = "batch") -> tuple[Tensor, Tensor, list[str]] | None:
+    """Images (B, 3, H, W) in [-1, 1], the attention block's maps (B, K, h, w) and a name per
+    map, or None when the generator has no attention block."""
     block = getattr(generator, "attention", None)
     if not isinstance(block, GatedAttention2d):
         return None
@@ -34,18 +36,27 @@ def generator_attention(generator: nn.Module, z: Tensor, labels: Tensor | None,
             maps = block.attention_map(captured[0]).float()
     finally:
         handle.remove()
-    return images.float(), select_maps(block, maps)
+    index = select_maps(block, maps)
+    return images.float(), maps[:, index.to(maps.device)], map_names(block, index, captured[0])
 
 
 def select_maps(block: GatedAttention2d, maps: Tensor, count: int = MAPS_PER_IMAGE) -> Tensor:
-    """The ``count`` most informative maps: for self-attention, evenly spaced query pixels; for
-    memory units and key channels, those whose maps vary most over the image."""
+    """Indices of the ``count`` most informative maps: for self-attention, evenly spaced query
+    pixels; for memory units and key channels, those whose maps vary most over the image."""
     if isinstance(block, SelfAttention2d):
-        index = torch.linspace(0, maps.shape[1] - 1, min(count, maps.shape[1])).round().long()
-    else:
-        spread = maps.flatten(2).std(dim=-1).mean(dim=0)  # (K,)
-        index = spread.sort(descending=True, stable=True).indices[:count]
-    return maps[:, index.to(maps.device)]
+        return torch.linspace(0, maps.shape[1] - 1, min(count, maps.shape[1])).round().long()
+    spread = maps.flatten(2).std(dim=-1).mean(dim=0)  # (K,)
+    return spread.sort(descending=True, stable=True).indices[:count].cpu()
+
+
+def map_names(block: GatedAttention2d, index: Tensor, block_input: Tensor) -> list[str]:
+    """What each selected map shows: a query pixel (row, column of the attended map), a memory
+    unit or a key channel."""
+    if isinstance(block, SelfAttention2d):
+        width = block_input.shape[-1]
+        return [f"query ({i // width}, {i % width})" for i in index.tolist()]
+    kind = "unit" if isinstance(block, ExternalAttention2d) else "key channel"
+    return [f"{kind} {i}" for i in index.tolist()]
 
 
 def heat_colours(maps: Tensor, size: int) -> Tensor:
@@ -66,8 +77,27 @@ def attention_figure(generator: nn.Module, z: Tensor, labels: Tensor | None) -> 
     result = generator_attention(generator, z, labels)
     if result is None:
         return None
-    images, maps = result
+    images, maps, _ = result
     size = images.shape[-1]
     tiles = torch.cat([((images.cpu() + 1) / 2).clamp(0, 1).unsqueeze(1),
                        heat_colours(maps, size)], dim=1)  # (B, 1 + K, 3, S, S)
     return make_grid(tiles.flatten(0, 1), nrow=tiles.shape[1], padding=2)
+
+
+ATTENDED = {"SelfAttention2d": "where each chosen query pixel of the block's map looks",
+            "ExternalAttention2d": "each chosen memory unit's share of every pixel (mean over "
+                                   "heads)",
+            "EfficientAttention2d": "the global map of each chosen key channel"}
+
+
+def attention_caption(generator: nn.Module, z: Tensor, labels: Tensor | None
+                      ) -> tuple[str, list[str]] | None:
+    """The title of attention_figure's figure for the same inputs and its column headings (the
+    image, then each map), or None without an attention block."""
+    result = generator_attention(generator, z, labels)
+    if result is None:
+        return None
+    kind = type(generator.attention).__name__
+    title = (f"One row per generated sample: the image, then {ATTENDED.get(kind, kind)} "
+             f"({kind}; bright: large)")
+    return title, ["image", *result[2]]

@@ -10,8 +10,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import eagan
-from eagan import checkpoint as ckpt
 from eagan.cli import main
+from eagan.train import checkpoint as ckpt
 
 
 def run_cli(*args) -> int:
@@ -44,15 +44,18 @@ def test_sample_writes_class_grid_npz_interpolation_and_attention(trained_run, t
     assert code == 0
     stem = "run-step4"
     grid = np.asarray(Image.open(out / f"{stem}-grid.png"))
-    # 10 classes, one row each, 8 images of 32 px with 2 px padding.
-    assert grid.shape == (2 + 10 * 34, 2 + 8 * 34, 3)
+    # 10 classes, one row each, 8 images of 32 px with 2 px padding, drawn twice as large
+    # (nearest neighbour) so that each image is 64 px wide.
+    assert grid.shape == (2 * (2 + 10 * 34), 2 * (2 + 8 * 34), 3)
+    assert (grid[0::2, 0::2] == grid[1::2, 1::2]).all()
     with np.load(out / f"{stem}-samples.npz") as samples:
         assert samples["arr_0"].shape == (12, 32, 32, 3) and samples["arr_0"].dtype == np.uint8
         assert samples["labels"].shape == (12,) and samples["labels"].max() < 10
     assert (out / f"{stem}-interpolation.png").is_file()
     attention = np.asarray(Image.open(out / f"{stem}-attention.png"))
-    # Each of 8 rows: the image then 6 memory-unit maps.
-    assert attention.shape == (2 + 8 * 34, 2 + 7 * 34, 3)
+    # Each of 8 rows: the image then 6 memory-unit maps, twice as large, under a 60 px caption.
+    assert attention.shape == (60 + 2 * (2 + 8 * 34), 2 * (2 + 7 * 34), 3)
+    assert attention[:60].std() > 0  # the caption is drawn
 
 
 def test_sample_and_eval_run_from_the_checkpoint_alone(trained_run, tmp_path, monkeypatch):
@@ -68,7 +71,7 @@ def test_sample_and_eval_run_from_the_checkpoint_alone(trained_run, tmp_path, mo
     def evaluate_checkpoint(config, sampled, path, **kwargs):
         seen.update(config=config, path=path, step=sampled.step)
 
-    monkeypatch.setattr("eagan.evaluation.evaluate_checkpoint", evaluate_checkpoint)
+    monkeypatch.setattr("eagan.eval.runs.evaluate_checkpoint", evaluate_checkpoint)
     assert run_cli("--eval", "--ckpt", trained_run, "--set", "eval.num_samples=8") == 0
     stored = ckpt.load_checkpoint(seen["path"])["config"]
     assert seen["path"] == trained_run / "ckpt-0000004.pt" and seen["step"] == 4

@@ -5,7 +5,7 @@ import yaml
 
 from eagan.config import Config, config_differences, load_config, to_dict
 from eagan.errors import UserError
-from eagan.factory import build_discriminator, build_generator
+from eagan.nets.factory import build_discriminator, build_generator
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -115,3 +115,16 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     config = load_config(write(tmp_path, "model:\n  attention: efficient\n"))
     dumped = write(tmp_path, yaml.safe_dump(to_dict(config)))
     assert to_dict(load_config(dumped)) == to_dict(config)
+
+
+def test_the_digits_protocol_needs_conditional_digits(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("eval:\n  protocol: digits\n")
+    with pytest.raises(UserError, match=r"eval.protocol: 'digits' scores class-conditional "
+                                        r"generators of data.dataset digits, got dataset "
+                                        r"'cifar10'$"):
+        load_config(path)
+    path.write_text("data:\n  dataset: digits\nmodel:\n  conditional: false\n"
+                    "eval:\n  protocol: digits\n")
+    with pytest.raises(UserError, match="got dataset 'digits', unconditional"):
+        load_config(path)

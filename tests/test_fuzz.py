@@ -17,9 +17,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from eagan import checkpoint as ckpt
 from eagan.cli import main
 from eagan.config import Config
+from eagan.train import checkpoint as ckpt
 from tests.fakedata import write_image_folder, write_tiny_imagenet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

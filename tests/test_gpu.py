@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagan import checkpoint as ckpt
-from eagan import trainer
 from eagan.cli import main
 from eagan.config import load_config
-from eagan.distributed import resolve_device
-from eagan.trainer import train
+from eagan.train import checkpoint as ckpt
+from eagan.train import loop as trainer
+from eagan.train.distributed import resolve_device
+from eagan.train.loop import train
 from tests.helpers import assert_same_training_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ def device_spies(monkeypatch) -> dict[str, object]:
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("eagan.cli.generator_from_checkpoint", spy("checkpoint", "device"))
-    monkeypatch.setattr("eagan.trainer.process_group", spy("train", "device_preference"))
+    monkeypatch.setattr("eagan.train.loop.process_group", spy("train", "device_preference"))
     return seen
 
 
@@ -248,7 +248,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, {repo!r})
 from eagan.config import ModelConfig
-from eagan.models import build_generator
+from eagan.nets.models import build_generator
 
 dist.init_process_group("nccl")
 assert dist.get_backend() == "nccl" and dist.get_world_size() == 1

@@ -3,7 +3,6 @@ refusals, plots; then end to end on the digits demo."""
 import csv
 import json
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from eagan import evaluation
 from eagan.cli import main
 from eagan.config import Config, to_dict
-from eagan.report import OFFICIAL_INCEPTION_SHA256, welch_interval
+from eagan.eval.inception import OFFICIAL_INCEPTION_SHA256
+from eagan.report.statistics import welch_interval
+from eagan.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,54 +182,91 @@ def test_plots_are_written(synthetic_runs, tmp_path):
     assert "![gamma against step](gamma_vs_step.png)" in text
 
 
-# One evaluation per run, at step 2: Inception is most of this test's time, and the synthetic
-# runs above test the best-against-last choice.
-DEMO_TINY = ["--set", "train.total_steps=2", "--set", "train.batch_size=8",
+DEMO_TINY = ["--set", "train.total_steps=4", "--set", "train.batch_size=8",
              "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
-             "--set", "model.memory_size=4", "--set", "eval.every=2",
-             "--set", "eval.num_samples=16", "--set", "eval.batch_size=16"]
+             "--set", "train.ema_start_step=0", "--set", "model.memory_size=4",
+             "--set", "eval.every=2", "--set", "eval.num_samples=40", "--no-progress"]
 
 
-def test_end_to_end_on_the_digits_demo(tmp_path, standin_weights, monkeypatch, capsys):
-    """Two attention kinds x 2 seeds of the demo at its tiny widths, evaluated with stand-in
-    Inception weights, then --report on the four runs with the class accuracy."""
-    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(
-        OSError("network disabled in tests")))
-    real_reference_set = evaluation.reference_set
-
-    def first_16_references(config):  # 16 held-out digits keep Inception's share small
-        images, name, protocol = real_reference_set(config)
-        return images[:16], name, protocol
-
-    monkeypatch.setattr(evaluation, "reference_set", first_16_references)
-    quick = [*DEMO_TINY, "--set", f"eval.cache_dir={tmp_path / 'cache'}",
-             "--inception-weights", str(standin_weights), "--no-progress"]
+def test_end_to_end_on_the_digits_demo(tmp_path, capsys):
+    """Two attention kinds x 2 seeds of the demo at its tiny widths, scored by the digits
+    protocol during training, then --report on the four runs."""
+    quick = [*DEMO_TINY, "--set", f"eval.cache_dir={tmp_path / 'cache'}"]
     for kind in ("none", "external"):
         assert main(["-c", str(REPO / "configs" / "demo_digits.yaml"), "--train", "--seeds", "0,1",
                      "--run-dir", str(tmp_path / "runs" / kind), "--set",
                      f"model.attention={kind}", *quick]) == 0
     capsys.readouterr()
     out = tmp_path / "report"
-    assert main(["--report", str(tmp_path / "runs" / "*"), "--out", str(out),
-                 "--class-accuracy"]) == 0
+    assert main(["--report", str(tmp_path / "runs" / "*"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "Stand-in Inception weights" in printed
+    assert "Digits protocol, not FID" in printed and "Stand-in Inception" not in printed
     groups = {row["group"]: row for row in read_csv(out / "groups.csv")}
     assert set(groups) == {"attention=external", "attention=none"}
+    assert groups["attention=none"]["evaluated as"].startswith("digits, 40 samples, BN batch, "
+                                                               "classifier ")
     runs = read_csv(out / "runs.csv")
     assert sorted((row["group"], row["seed"], row["evaluations"]) for row in runs) == [
-        ("attention=external", "0", "1"), ("attention=external", "1", "1"),
-        ("attention=none", "0", "1"), ("attention=none", "1", "1")]
+        ("attention=external", "0", "2"), ("attention=external", "1", "2"),
+        ("attention=none", "0", "2"), ("attention=none", "1", "2")]
     for row in runs:
         stats = [json.loads(line) for line in
                  open(f"{row['run']}/stats.jsonl").read().splitlines()]
-        fids = [line["Metrics/fid"] for line in stats if "Metrics/fid" in line]
-        assert float(row["best FID"]) == pytest.approx(min(fids), abs=1e-3)
-        assert 0.0 <= float(row["class accuracy"]) <= 1.0
-        assert {line["Eval/num_samples"] for line in stats if "Eval/protocol" in line} == {16}
-    comparisons = {row["measure"]: row for row in read_csv(out / "comparisons.csv")}
-    assert set(comparisons) == {"best FID", "last FID", "mean of last 3 FID", "class accuracy"}
-    assert (out / "gamma_vs_step.png").is_file() and (out / "fid_vs_step.png").is_file()
+        evaluations = [line for line in stats if "Metrics/fd" in line]
+        best = min(evaluations, key=lambda line: line["Metrics/fd"])
+        assert float(row["best FD"]) == pytest.approx(best["Metrics/fd"], abs=1e-3)
+        assert float(row["class accuracy at best FD"]) == pytest.approx(
+            best["Metrics/class_accuracy"], abs=1e-3)
+        assert int(row["step of best"]) == best["step"]
+        # Training kept best.pt by the same distance.
+        kept = ckpt.load_checkpoint(Path(row["run"]) / "best.pt")
+        assert (kept["step"], kept["best_metric"]) == (best["step"], "fd")
+        assert kept["best_score"] == pytest.approx(best["Metrics/fd"])
+        assert float(row["peak memory (GB)"]) > 0
+    comparisons = [row["measure"] for row in read_csv(out / "comparisons.csv")]
+    assert comparisons == [
+        "best FD", "last FD", "mean of last 3 FD", "class accuracy at best FD",
+        "last class accuracy", "mean of last 3 class accuracy", "class spread at best FD",
+        "last class spread", "mean of last 3 class spread"]
+    for plot in ("fd", "class_accuracy", "class_spread", "gamma"):
+        assert (out / f"{plot}_vs_step.png").is_file()
+
+
+def write_digits_run(folder, seed, evaluations, total_steps=3000):
+    """A digits run folder: (step, FD, accuracy, lowest class accuracy, spread) per evaluation."""
+    config = to_dict(Config())
+    config["data"]["dataset"], config["eval"]["protocol"] = "digits", "digits"
+    config["train"]["seed"], config["train"]["total_steps"] = seed, total_steps
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = [{"step": step, "Metrics/fd": fd, "Metrics/class_accuracy": accuracy,
+              "Metrics/min_class_accuracy": lowest, "Metrics/class_spread": spread,
+              "Eval/protocol": "digits", "Eval/num_samples": 1000, "Eval/bn_mode": "batch",
+              "Eval/classifier_sha256": "cd" * 32}
+             for step, fd, accuracy, lowest, spread in evaluations]
+    (folder / "stats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines)
+                                        + '{"step": 3000, "Metrics/fd": 0.')  # cut short
+
+
+def test_failed_and_collapsed_digits_runs_stay_in_their_group_and_are_flagged(tmp_path):
+    runs = tmp_path / "runs"
+    write_digits_run(runs / "s0", 0, [(1500, 2.0, 0.8, 0.6, 0.9), (3000, 1.0, 0.95, 0.9, 0.8)])
+    write_digits_run(runs / "s1", 1, [(1500, 1.5, 0.9, 0.8, 0.7), (3000, 3.0, 0.7, 0.3, 0.4)])
+    write_digits_run(runs / "s2", 2, [(1500, 0.5, 0.9, 0.8, 0.8)])
+    write_digits_run(runs / "s3", 3, [])
+    out = tmp_path / "report"
+    with pytest.warns(UserWarning, match="not a complete log line"):
+        assert main(["--report", str(runs), "--out", str(out)]) == 0
+    [group] = read_csv(out / "groups.csv")
+    assert group["seeds"] == "3 (+1 without evaluation)"
+    assert group["best FD"] == "1.000 +- 0.500"  # 1.0, 1.5 and 0.5
+    assert group["last class spread"] == "0.667 +- 0.231"  # 0.8, 0.4 and 0.8
+    assert group["flagged runs"] == (
+        "seed 1: collapsed: spread 0.40 < 0.5; collapsed: a class at accuracy 0.30 < 0.5 / "
+        "seed 2: unfinished: last evaluation at step 1500 of 3000 / "
+        "seed 3: failed: no evaluation")
+    flags = {row["seed"]: row["flags"] for row in read_csv(out / "runs.csv")}
+    assert flags["0"] == "-" and flags["3"] == "failed: no evaluation"
 
 
 def test_training_still_needs_a_config(capsys):

@@ -14,11 +14,10 @@ import torch
 import yaml
 from torch.utils.serialization import config as serialization_config
 
-from eagan import checkpoint as ckpt
 from eagan.cli import main
 from eagan.errors import UserError
+from eagan.train import checkpoint as ckpt
 from tests.fakedata import write_image_folder
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from eagan.models import Generator
-from eagan.visualize import MAPS_PER_IMAGE, attention_figure, generator_attention, heat_colours
+from eagan.nets.models import Generator
+from eagan.visualize import (MAPS_PER_IMAGE, attention_caption, attention_figure,
+                             generator_attention, heat_colours)
 
 
 def tiny_generator(attention: str) -> Generator:
@@ -24,7 +25,8 @@ def test_generator_attention_maps(attention, maps_shape, total):
     generator = tiny_generator(attention)
     z, labels = torch.randn(2, 16), torch.tensor([1, 7])
     state = {k: v.clone() for k, v in generator.state_dict().items()}
-    images, maps = generator_attention(generator, z, labels)
+    images, maps, names = generator_attention(generator, z, labels)
+    assert len(names) == MAPS_PER_IMAGE
     assert images.shape == (2, 3, 32, 32)
     assert maps.shape == maps_shape
     assert maps.min() >= 0 and maps.max() <= 1
@@ -40,7 +42,7 @@ def test_external_maps_are_the_most_varied_units():
     z, labels = torch.randn(2, 16), torch.tensor([1, 7])
     captured = []
     generator.attention.register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0]))
-    _, maps = generator_attention(generator, z, labels)
+    _, maps, names = generator_attention(generator, z, labels)
     generator.eval()  # as generator_attention ran it: no spectral-norm power iteration
     every_unit = generator.attention.attention_map(captured[0])  # (2, 8, 16, 16)
     spread = every_unit.flatten(2).std(-1).mean(0)  # (8,)
@@ -48,6 +50,22 @@ def test_external_maps_are_the_most_varied_units():
     # Units can tie, so compare the spreads shown with the six largest, not indices.
     torch.testing.assert_close(shown.sort(descending=True).values,
                                spread.sort(descending=True).values[:6], rtol=1e-3, atol=1e-4)
+    # Each column is named after its unit, whose map it shows.
+    units = [int(name.removeprefix("unit ")) for name in names]
+    torch.testing.assert_close(maps, every_unit[:, units], rtol=1e-3, atol=1e-3)
+
+
+def test_captions_name_what_rows_and_columns_show():
+    z, labels = torch.randn(2, 16), torch.tensor([1, 7])
+    title, columns = attention_caption(tiny_generator("external"), z, labels)
+    assert title.startswith("One row per generated sample: the image, then each chosen memory "
+                            "unit's share of every pixel")
+    assert columns[0] == "image" and all(c.startswith("unit ") for c in columns[1:])
+    title, columns = attention_caption(tiny_generator("self"), z, labels)
+    assert "where each chosen query pixel" in title
+    # Evenly spaced queries over the 16x16 map: pixel 0 is (0, 0), the last (15, 15).
+    assert columns[1] == "query (0, 0)" and columns[-1] == "query (15, 15)"
+    assert attention_caption(tiny_generator("none"), z, labels) is None
 
 
 def test_figure_layout_and_no_attention():
