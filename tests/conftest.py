@@ -1,4 +1,5 @@
-"""Shared fixtures: a fake CIFAR-10 in its real on-disk format and a tiny config over it."""
+"""Shared fixtures: a fake CIFAR-10 in its real on-disk format and a tiny config over it; and
+the grouping that lets pytest-xdist run the suite in parallel safely."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +11,18 @@ import yaml
 from eagan.cli import main
 from tests.fakedata import write_cifar10
 from tests.inception_standin import build_standin_inception_weights
+
+# Tests that start process groups (torchrun, mp.spawn) pick a free port and then bind it, and
+# start several processes each: under pytest-xdist (-n 2 --dist loadgroup) they all run on one
+# worker, one after another, so no two of them race for a port or for the cores.
+PROCESS_GROUP_MODULES = ("test_distributed.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in PROCESS_GROUP_MODULES or "torchrun" in item.name:
+            item.add_marker(pytest.mark.xdist_group("process_groups"))
+
 
 # Tiny widths (G 16 channels, D 8) and a handful of images: a training step takes milliseconds.
 TINY_CONFIG = {
