@@ -1,5 +1,6 @@
-"""The command line: ``python run.py -c CONFIG (--train | --eval | --sample) [options]``, and
-``python run.py --report RUN_DIR [RUN_DIR ...]``.
+"""The command line: ``python run.py -c CONFIG (--train | --eval | --sample) [options]``,
+``python run.py --report RUN_DIR [RUN_DIR ...]`` and
+``python run.py --import-studiogan PATH [PATH ...] -c CONFIG --out RUN_DIR``.
 
 Exit codes: 0 success, 2 a mistake the user can fix (one line on stderr, no traceback).
 """
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--sample", action="store_true", help="grids and .npz from a checkpoint")
     mode.add_argument("--report", nargs="+", metavar="RUN_DIR",
                       help="compare run folders (globs welcome) over seeds: tables and plots")
+    mode.add_argument("--import-studiogan", nargs="+", metavar="PATH",
+                      help="StudioGAN SAGAN checkpoint files or their folder: write them as a "
+                           "run folder of -c CONFIG in --out")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
@@ -59,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "both (or running,batch) to report each. Default for --eval: "
                              "eval.bn_mode, else the protocol's; for --sample: batch, as the "
                              "training grids")
-    parser.add_argument("--out", help="output folder for --sample (default: samples/) or "
-                                      "--report (default: reports/report-<time>)")
+    parser.add_argument("--out", help="output folder for --sample (default: samples/), "
+                                      "--report (default: reports/report-<time>) or "
+                                      "--import-studiogan (needed)")
     parser.add_argument("--last-k", type=int, default=3,
                         help="--report: also compare the mean of the last K evaluations")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             write_report(args.report, args.out, args.last_k,
                          command="run.py " + " ".join(sys.argv[1:] if argv is None else argv))
             return 0
+        if args.import_studiogan:
+            return _import_studiogan(args)
         if args.config is None and args.train:
             raise UserError("command line: --train needs -c CONFIG (see --help)")
         if not args.train and args.ckpt is None:
@@ -163,10 +170,24 @@ def _train(config: Config, args: argparse.Namespace) -> int:
         train(config, resume=args.resume, show_progress=not args.no_progress,
               make_evaluator=make_evaluator)
         return 0
-    with process_group(config.train.device) as context:
+    with process_group(config.train.device, config.train.collective_timeout_s) as context:
         train_seeds(config, seeds, lambda seeded, resume: train(
             seeded, resume=resume, show_progress=not args.no_progress,
             make_evaluator=make_evaluator, context=context), RESUMABLE_KEYS, context)
+    return 0
+
+
+def _import_studiogan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from eagan.studiogan import import_studiogan
+
+    if args.config is None or args.out is None:
+        raise UserError("command line: --import-studiogan needs -c CONFIG (the networks' "
+                        "config) and --out RUN_DIR (see --help)")
+    config = load_config(args.config, _config_overrides(args, None))
+    print(import_studiogan([Path(path) for path in args.import_studiogan], config,
+                           Path(args.out)))
     return 0
 
 
