@@ -1,6 +1,7 @@
 """Training throughput of a config on this machine: iterations (G steps) and real images per
 second, the time of a step split into data, D step, G step, bookkeeping and logging, and peak
-memory, with the framework's own pieces (eagan.train.loop's steps, eagan.data.datasets's batch sources).
+memory, with the framework's own pieces (eagan.train.steps's iteration, eagan.data's batch
+sources).
 
 It checks one goal and prints a PASS/MISS line for it: the framework's own overhead (data,
 bookkeeping and logging) is under 5% of a step.
@@ -165,8 +166,8 @@ def run_steps(setup: Setup, config: Config, first_step: int, count: int,
     """Training iterations first_step + 1 .. first_step + count as the trainer's loop runs
     them (its train_iteration: n_dis D updates and one G update; then the non-finite check,
     EMA, progress bar, a log tick every log_every steps and at the last one); with a clock,
-    each part is charged to its phase. Returns the seconds of each iteration without its log tick, and of
-    each log tick."""
+    each part is charged to its phase. Returns the seconds of each iteration without its log
+    tick, and of each log tick."""
     tc, gan, options = config.train, setup.gan, setup.options
     device = setup.latents.device
     clock = clock or PhaseClock(device, enabled=False)

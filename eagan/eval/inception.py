@@ -159,7 +159,8 @@ def resolve_inception_weights(path: str | Path | None, progress: bool = True,
         try:  # writes a temporary file and renames it: a failed download leaves nothing behind
             torch.hub.download_url_to_file(url, str(hub_file), progress=progress)
         except OSError as error:  # URLError, timeouts and refused connections are all OSErrors
-            raise UserError(f"cannot download the Inception weights ({type(error).__name__}: {first_line(error)[:160]}); put "
+            raise UserError(f"cannot download the Inception weights ({type(error).__name__}: "
+                            f"{first_line(error)[:160]}); put "
                             f"{filename} (or {WEIGHTS_FILENAME} / {PYTORCH_FID_WEIGHTS_FILENAME}: "
                             f"the same file) at a path given by eval.inception_weights "
                             f"(--inception-weights) or in {hub_file.parent} "

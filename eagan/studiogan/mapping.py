@@ -62,7 +62,8 @@ def studiogan_class_order(dataset: str, class_names: list[str]) -> Tensor:
                     f"is unknown; import with cifar10, tiny_imagenet or folder")
 
 
-def load_network(network: nn.Module, file: StudioGANFile, config: Config, class_order: Tensor) -> None:
+def load_network(network: nn.Module, file: StudioGANFile, config: Config,
+                 class_order: Tensor) -> None:
     """Check that ``file`` holds exactly ``network`` and load it, every tensor renamed and
     copied (class rows reordered); a UserError names what does not fit."""
     _check_structure(network, file, config)

@@ -1,4 +1,4 @@
-"""Tests of eagan.data.datasets: the real loaders on fake data in the real formats, and batch sources."""
+"""Tests of eagan.data: the real loaders on fake data in the real formats, and batch sources."""
 
 from __future__ import annotations
 

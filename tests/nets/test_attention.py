@@ -1,4 +1,4 @@
-"""Tests of eagan.nets.attention: shapes, the double normalisation of external attention (Guo et al.,
+"""eagan.nets.attention: shapes, the double normalisation of external attention (Guo et al.,
 2021, equations 10-11), agreement with manual re-computations of each block, mixed precision,
 untied memories, the gated identity at init, attention maps, the factory, and linear cost."""
 from __future__ import annotations

@@ -104,7 +104,8 @@ def test_spectral_norm_brings_largest_singular_value_to_one():
                 assert sigma.item() == pytest.approx(1.0, rel=1e-2)
 
 
-# StudioGAN's SAGAN counts (its README's CIFAR-10 and Tiny-ImageNet tables), and the exact counts of our topology
+# StudioGAN's SAGAN counts (its README's CIFAR-10 and Tiny-ImageNet tables), and the exact counts
+# of our topology
 # worked out by hand, layer by layer (see the module docstring of eagan.nets.models).
 @pytest.mark.parametrize("image_size, num_classes, g_target, d_target, g_exact, d_exact", [
     (32, 10, 4.39e6, 1.08e6, 4_386_308, 1_075_586),
