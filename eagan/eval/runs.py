@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from eagan.config import Config
-from eagan.data import SPLITS, load_images
+from eagan.data import SPLITS, ImageSet, load_images
 from eagan.errors import UserError
 from eagan.eval.digits import digits_reference, evaluate_digits, format_digits_table
 from eagan.eval.evaluate import evaluate_generator, format_results_table
@@ -24,16 +24,16 @@ from eagan.files import atomic_output
 from eagan.sampling import SampledGenerator
 
 
-def reference_set(config: Config) -> tuple[Tensor, str, Protocol]:
+def reference_set(config: Config) -> tuple[ImageSet, str, Protocol]:
     """The protocol resolved for the config's dataset (BN mode: eval.bn_mode, else the
-    protocol's), its reference images (uint8) and name."""
+    protocol's), its reference split (uint8 images and labels) and name."""
     data = config.data
     protocol = resolve_protocol(config.eval.protocol, data.dataset, config.eval.num_samples,
                                 available_splits=SPLITS[data.dataset],
                                 bn_mode_override=config.eval.bn_mode)
     images = load_images(data.dataset, data.root, protocol.reference_split, data.image_size,
                          download=data.download, resize=data.resize)
-    return images.images, f"{data.dataset}-{protocol.reference_split}", protocol
+    return images, f"{data.dataset}-{protocol.reference_split}", protocol
 
 
 def generation_batch_size(protocol: Protocol, train_batch_size: int, eval_batch_size: int
@@ -56,16 +56,13 @@ def load_scorer(config: Config, device: torch.device, show_progress: bool = True
     ``scorer(generator, protocol, generation_batch_size=, ema=, step=, rank=, world_size=)``.
     The reference images and the Inception weights (or the digits classifier) are loaded now,
     so that a missing file stops a run before it trains rather than hours later."""
-    images, name, protocol = reference_set(config)
+    reference_images, name, protocol = reference_set(config)
     if protocol.engine == DIGITS_ENGINE:
         data = config.data
         train = load_images(data.dataset, data.root, "train", data.image_size,
                             download=data.download, resize=data.resize)
-        held_out_labels = load_images(data.dataset, data.root, protocol.reference_split,
-                                      data.image_size, download=data.download,
-                                      resize=data.resize).labels
-        reference = digits_reference(train.images, train.labels, images, held_out_labels, name,
-                                     config.eval.cache_dir)
+        reference = digits_reference(train.images, train.labels, reference_images.images,
+                                     reference_images.labels, name, config.eval.cache_dir)
 
         def score_digits(generator: nn.Module, protocol: Protocol, **kwargs: Any
                          ) -> dict[str, Any] | None:
@@ -79,7 +76,7 @@ def load_scorer(config: Config, device: torch.device, show_progress: bool = True
     def score_inception(generator: nn.Module, protocol: Protocol, **kwargs: Any
                         ) -> dict[str, Any] | None:
         return evaluate_generator(
-            generator, inception, reference_images=images, reference_name=name,
+            generator, inception, reference_images=reference_images.images, reference_name=name,
             protocol=protocol, batch_size=config.eval.batch_size, seed=config.eval.seed,
             cache_dir=Path(config.eval.cache_dir).expanduser(), progress=show_progress,
             metrics=config.eval.metrics, **kwargs)
