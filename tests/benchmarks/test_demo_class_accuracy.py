@@ -43,7 +43,7 @@ def test_the_goal_needs_accuracy_every_class_and_spread(measure):
 
 def test_a_run_folder_gives_one_row_per_checkpoint_and_generator(measure, tmp_path, capsys):
     config = load_config(REPO / "configs" / "demo_digits.yaml", [
-        "train.total_steps=2", "train.checkpoint_every=1", "train.batch_size=4",
+        "train.total_steps=2", "train.checkpoint_every=1",
         "train.n_dis=1", "train.log_every=1", "train.sample_every=100",
         "model.g_base_channels=2", "model.d_base_channels=2", "train.ema_decay=0.5",
         "train.ema_start_step=0", "eval.every=0", f"eval.cache_dir={tmp_path / 'cache'}",
