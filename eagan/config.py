@@ -91,6 +91,10 @@ class TrainConfig:
                                                    "max-autotune"))
     fused_adam: bool = False
     sync_batchnorm: bool = False  # one set of G batch statistics across DDP ranks
+    # Under torchrun, how long a rank waits in a collective for the others before the job ends
+    # (a failed or hung rank). It must exceed the longest time rank 0 works alone: a
+    # checkpoint write, and at the first evaluation the reference statistics.
+    collective_timeout_s: float = option(300.0, positive=True)
     nonfinite: str = option("stop", choices=("stop", "skip"))
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
     log_every: int = option(100, positive=True)

@@ -100,7 +100,7 @@ def test_resume_continues_from_latest(tiny_config_path, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--train", "--eval"], "not allowed with argument"),
-    ([], "one of the arguments --train --eval --sample --report is required"),
+    ([], "one of the arguments --train --eval --sample --report --import-studiogan is required"),
     (["--sample"], "--sample needs --ckpt"),
     (["--eval"], "--eval needs --ckpt"),
     (["--sample", "--ckpt", "nowhere.pt"], "nowhere.pt: checkpoint not found"),

@@ -128,3 +128,17 @@ def test_the_digits_protocol_needs_conditional_digits(tmp_path):
                     "eval:\n  protocol: digits\n")
     with pytest.raises(UserError, match="got dataset 'digits', unconditional"):
         load_config(path)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "train.collective_timeout_s: expected a value > 0, got 0.0"),
+    ("-5", "train.collective_timeout_s: expected a value > 0, got -5.0"),
+    ("soon", "train.collective_timeout_s: expected float, got 'soon'"),
+])
+def test_collective_timeout_is_a_positive_number_of_seconds(tmp_path, value, message):
+    path = write(tmp_path, "")
+    assert load_config(path).train.collective_timeout_s == 300.0
+    assert load_config(path, ["train.collective_timeout_s=20"]).train.collective_timeout_s == 20.0
+    with pytest.raises(UserError) as caught:
+        load_config(path, [f"train.collective_timeout_s={value}"])
+    assert str(caught.value) == f"--set train.collective_timeout_s={value}: {message}"

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from eagan.eval.inception import Inception, InceptionEngine
 from eagan.eval.scores import gaussian_statistics
-from eagan.files import atomic_output
+from eagan.files import atomic_output, ensure_writable_dir
 
 
 def _safe_name(name: str) -> str:
@@ -52,9 +52,10 @@ def reference_statistics(inception: InceptionEngine, images: Tensor, reference_n
             pass
     features = inception.image_features(images, batch_size, progress=progress)
     mu, sigma = gaussian_statistics(features[inception.fid_layer])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(path.parent, "the reference statistics cache")
     # Write then rename, so that an interrupted run never leaves a truncated cache file.
-    with atomic_output(path) as tmp_path, open(tmp_path, "wb") as file:
+    with atomic_output(path, "the reference statistics") as tmp_path, \
+            open(tmp_path, "wb") as file:
         np.savez(file, mu=mu, sigma=sigma, weights_sha256=inception.weights_sha256,
                  engine=inception.name, reference_name=reference_name)
     return mu, sigma
@@ -75,8 +76,9 @@ def reference_features(inception: InceptionEngine, images: Tensor, reference_nam
             pass
     features = inception.image_features(images, batch_size,
                                         progress=progress)[inception.fid_layer].cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp_path, open(tmp_path, "wb") as file:
+    ensure_writable_dir(path.parent, "the reference statistics cache")
+    with atomic_output(path, "the reference features") as tmp_path, \
+            open(tmp_path, "wb") as file:
         np.save(file, features.numpy())
     return features
 

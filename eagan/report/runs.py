@@ -22,7 +22,8 @@ from eagan.eval.protocols import PROTOCOLS
 # Config keys that do not change what a run computes: left out when runs are grouped.
 NOT_COMPARED = ("train.seed", "run_dir", "data.root", "data.download", "data.num_workers",
                 "train.device", "train.log_every", "train.sample_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "eval.cache_dir", "eval.inception_weights")
+                "train.keep_checkpoints", "train.collective_timeout_s", "eval.cache_dir",
+                "eval.inception_weights")
 # An evaluation line carries its protocol's primary distance (Metrics/fid or Metrics/fd).
 PRIMARY_KEYS = ("fid", "fd")
 

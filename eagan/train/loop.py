@@ -9,10 +9,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,6 +31,8 @@ from eagan.train import checkpoint as ckpt
 from eagan.train.distributed import DistContext, process_group
 from eagan.train.maintenance import GRID_PER_ROW, Evaluator, Maintenance
 from eagan.train.run_dir import check_resumable, prepare_run_dir
+from eagan.train.run_lock import hold_run_dir
+from eagan.train.signals import StopRequest
 from eagan.train.steps import (LatentSampler, build_gan, resolve_precision, train_iteration,
                                update_ema)
 from eagan.train.tracking import Tracker
@@ -46,7 +47,7 @@ class TrainResult:
     run_dir: Path
     step: int
     best_score: float | None = None  # the lowest of the protocol's primary distance
-
+    interrupted: bool = False  # a signal stopped it: the command stops too (--seeds)
 
 
 def train(config: Config, resume: bool = False, show_progress: bool = True,
@@ -56,19 +57,25 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     there from its latest checkpoint. When ``config.eval.every`` is set, ``make_evaluator`` is
     called once with this process's device, once the process group is up, and the evaluator
     it returns runs every ``config.eval.every`` steps. ``context`` is the process group of a
-    command that trains several runs (``--seeds``); without it, train joins its own."""
-    # ---- Processes, device, evaluator --------------------------------------------------------
+    command that trains several runs (``--seeds``); without it, train joins its own.
+
+    The run folder is held for the whole call (a second training process is refused, see
+    run_lock). SIGINT and SIGTERM end the call cleanly: before the first step at once, later
+    with a checkpoint of the current step (see signals)."""
+    # ---- Processes, run folder, device, evaluator -------------------------------------------
     if context is None:
-        with process_group(config.train.device) as own_context:
+        with process_group(config.train.device, config.train.collective_timeout_s) \
+                as own_context:
             return train(config, resume, show_progress, make_evaluator, own_context)
-    evaluate = None
-    if make_evaluator is not None and config.eval.every:
-        evaluate = make_evaluator(context.device)
-    return _train(config, context, resume, show_progress, evaluate)
+    with StopRequest() as stop, hold_run_dir(Path(config.run_dir), context):
+        evaluate = None
+        if make_evaluator is not None and config.eval.every:
+            evaluate = make_evaluator(context.device)
+        return _train(config, context, resume, show_progress, evaluate, stop)
 
 
 def _train(config: Config, context: DistContext, resume: bool, show_progress: bool,
-           evaluate: Evaluator | None) -> TrainResult:
+           evaluate: Evaluator | None, stop: StopRequest) -> TrainResult:
     tc = config.train
     device = context.device
     if tc.batch_size % context.world_size:
@@ -93,12 +100,7 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     gan, options, generator_ema = build_gan(config, num_classes, context)
     latents = LatentSampler(config.model.z_dim, num_classes, per_rank_batch, context,
                             seed=tc.seed + 1)
-    # Fixed latents for the sample grids: the same images to watch from the first step on.
-    grid_labels = class_grid_labels(num_classes, GRID_PER_ROW, device)
-    grid_count = GRID_PER_ROW * (GRID_PER_ROW if grid_labels is None else
-                                 len(grid_labels) // GRID_PER_ROW)
-    fixed_z = torch.randn(grid_count, config.model.z_dim,
-                          generator=torch.Generator().manual_seed(tc.seed + 2)).to(device)
+    grid_labels, fixed_z = _grid_latents(config, num_classes, device)
 
     # ---- Resume -------------------------------------------------------------------------------
     # Everything a checkpoint restores besides the per-rank data order and RNGs.
@@ -119,28 +121,27 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             tmp_path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     # ---- Logging ------------------------------------------------------------------------------
-    tracker = Tracker(run_dir, truncate_after=start_step) if context.is_main else None
-    if tracker is not None and start_step == 0:
-        _log_real_grid(tracker, batches, per_rank_batch)
-    if context.is_main and show_progress:
-        _print_banner(config, context, dataset, gan.generator, gan.discriminator, run_dir,
-                      start_step)
-    progress = tqdm(total=tc.total_steps, initial=start_step, disable=not (
-        show_progress and context.is_main), dynamic_ncols=True, desc="train")
-    maintenance = Maintenance(
-        config=config, context=context, run_dir=run_dir, gan=gan, generator_ema=generator_ema,
-        tracker=tracker, progress=progress, evaluate=evaluate, best_metric=best_metric,
-        best_score=best_score, fixed_z=fixed_z, grid_labels=grid_labels, state=state,
-        num_classes=num_classes, class_names=list(dataset.class_names), tick_step=start_step)
-
-    # ---- The loop -----------------------------------------------------------------------------
-    stop_request = _StopRequest()
-    step = start_step
     with contextlib.ExitStack() as cleanup:
-        cleanup.enter_context(stop_request)
+        tracker = cleanup.enter_context(Tracker(run_dir, truncate_after=start_step)) \
+            if context.is_main else None
+        if tracker is not None and start_step == 0:
+            _log_real_grid(tracker, batches, per_rank_batch)
+        if context.is_main and show_progress:
+            _print_banner(config, context, dataset, gan.generator, gan.discriminator, run_dir,
+                          start_step)
+        progress = tqdm(total=tc.total_steps, initial=start_step, disable=not (
+            show_progress and context.is_main), dynamic_ncols=True, desc="train")
         cleanup.callback(progress.close)
-        if tracker is not None:
-            cleanup.callback(tracker.close)
+        maintenance = Maintenance(
+            config=config, context=context, run_dir=run_dir, gan=gan,
+            generator_ema=generator_ema, tracker=tracker, progress=progress, evaluate=evaluate,
+            best_metric=best_metric, best_score=best_score, fixed_z=fixed_z,
+            grid_labels=grid_labels, state=state, num_classes=num_classes,
+            class_names=list(dataset.class_names), tick_step=start_step, stop=stop)
+
+        # ---- The loop -------------------------------------------------------------------------
+        stop.defer()  # from here a signal ends the run at the end of a step, with a checkpoint
+        step = start_step
         while step < tc.total_steps:
             # -- n_dis discriminator updates, then one generator update.
             d_bad, loss_g = train_iteration(gan, options, batches, latents,
@@ -158,15 +159,28 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
             progress.update(1)
 
             # -- Maintenance: logs, grids, evaluation, checkpoints.
-            if maintenance.after_step(step, stop_request.requested):
+            if maintenance.after_step(step):
                 break
 
     best_score = maintenance.best_score
     if context.is_main:
-        why = " on a signal" if stop_request.requested else ""
+        why = " on a signal" if stop.requested else ""
         best = f"best {best_metric} {best_score:.3f}, " if best_score is not None else ""
         tqdm.write(f"stopped at step {step}{why}: {best}checkpoints, logs and grids in {run_dir}")
-    return TrainResult(run_dir=run_dir, step=step, best_score=best_score)
+    return TrainResult(run_dir=run_dir, step=step, best_score=best_score,
+                       interrupted=stop.requested)
+
+
+def _grid_latents(config: Config, num_classes: int, device: torch.device
+                  ) -> tuple[Tensor | None, Tensor]:
+    """Labels and fixed latents of the sample grids: the same images to watch from the first
+    step on (a resumed run takes the checkpoint's latents)."""
+    grid_labels = class_grid_labels(num_classes, GRID_PER_ROW, device)
+    grid_count = GRID_PER_ROW * (GRID_PER_ROW if grid_labels is None else
+                                 len(grid_labels) // GRID_PER_ROW)
+    fixed_z = torch.randn(grid_count, config.model.z_dim, generator=torch.Generator()
+                          .manual_seed(config.train.seed + 2)).to(device)
+    return grid_labels, fixed_z
 
 
 def _log_real_grid(tracker: Tracker, batches: DeviceBatchSource | LoaderBatchSource,
@@ -208,27 +222,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class _StopRequest:
-    """Turns SIGINT and SIGTERM into a request checked once per step: the loop saves a
-    checkpoint and exits cleanly instead of dying mid-write."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __enter__(self) -> "_StopRequest":
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def _print_banner(config: Config, context: DistContext, dataset: ImageSet | ImageFiles,

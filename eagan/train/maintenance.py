@@ -3,11 +3,12 @@ the attention gates and the peak memory; draw the sample and attention grids; ev
 best.pt; write and prune checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,8 @@ from eagan.nets.bn_mode import bn_mode
 from eagan.nets.models import attention_gammas
 from eagan.sampling import grid_image
 from eagan.train import checkpoint as ckpt
-from eagan.train.distributed import DistContext, barrier, broadcast_flag
+from eagan.train.distributed import CollectiveFailed, DistContext, broadcast_flag
+from eagan.train.signals import Interrupted, StopRequest
 from eagan.train.steps import GANModules, LossMeans
 from eagan.train.tracking import Tracker
 from eagan.visualize import attention_figure
@@ -51,12 +53,13 @@ def evaluation_labels(result: dict[str, Any]) -> dict[str, Any]:
 
 
 class EvaluationFailed(UserError):
-    """Evaluation failed during training; the run saved a checkpoint at that step first."""
+    """Evaluation failed during training; a single process saved a checkpoint at that step
+    first (``saved``), a torchrun job keeps its last one."""
 
-    def __init__(self, step: int, error: BaseException, saved: Path) -> None:
-        super().__init__(f"step {step}: evaluation failed ({first_line(error)}); the run is "
-                         f"saved in {saved}: fix the cause and run the same command with "
-                         f"--resume")
+    def __init__(self, step: int, error: BaseException, saved: Path | None) -> None:
+        kept = f"the run is saved in {saved}" if saved else "the last checkpoint is kept"
+        super().__init__(f"step {step}: evaluation failed ({first_line(error)}); {kept}: fix "
+                         f"the cause and run the same command with --resume")
 
 
 @dataclass
@@ -80,12 +83,13 @@ class Maintenance:
     num_classes: int
     class_names: list[str]
     tick_step: int
+    stop: StopRequest
     tick_start: float = field(default_factory=time.perf_counter)
     loss_means: LossMeans = field(default_factory=LossMeans)
 
-    def after_step(self, step: int, stop_requested: bool) -> bool:
-        """Everything due after ``step``; True when the run must stop (a signal, on any
-        rank), once this step is saved."""
+    def after_step(self, step: int) -> bool:
+        """Everything due after ``step``; True when the run must stop (a signal, as rank 0
+        saw it: rank 0 speaks for all), once this step is saved."""
         tc = self.config.train
         last = step == tc.total_steps
         if step % tc.log_every == 0 or last:
@@ -95,12 +99,14 @@ class Maintenance:
         if self.evaluate is not None and self.config.eval.every and (
                 step % self.config.eval.every == 0 or last):
             self.evaluation(step)
-        stop_now = broadcast_flag(self.context, stop_requested)
+        stop_now = broadcast_flag(self.context, self.stop.requested)
         if step % tc.checkpoint_every == 0 or last or stop_now:
             self.save(step, ckpt.step_path(self.run_dir, step))
             if self.context.is_main:
                 ckpt.prune(self.run_dir, tc.keep_checkpoints)
-            barrier(self.context)
+            # Also the barrier after the write: a signal that came during it stops the run
+            # here, on this step's checkpoint.
+            stop_now = broadcast_flag(self.context, self.stop.requested)
         return stop_now
 
     def log(self, step: int) -> None:
@@ -123,15 +129,19 @@ class Maintenance:
     def evaluation(self, step: int) -> None:
         evaluated = self.generator_ema if self.config.evaluates_ema else self.gan.generator
         improved = False
+        # In a single process a signal drops the evaluation at once (the step is saved next);
+        # under torchrun every rank must finish it, or their collectives would part ways.
+        interruptible = self.stop.interruptible() if not self.context.enabled \
+            else contextlib.nullcontext()
         try:
-            results = self.evaluate(evaluated, step, self.context.rank, self.context.world_size)
+            with interruptible:
+                results = self.evaluate(evaluated, step, self.context.rank,
+                                        self.context.world_size)
+        except Interrupted:
+            tqdm.write(f"step {step}: evaluation dropped on a signal (not repeated on --resume)")
+            return
         except Exception as error:
-            # Hours of training must not go with it: keep this step, then stop.
-            self.save(step, ckpt.step_path(self.run_dir, step))
-            if isinstance(error, (UserError, torch.OutOfMemoryError, OSError)):
-                raise EvaluationFailed(step, error, ckpt.step_path(self.run_dir, step)) \
-                    from None
-            raise
+            self._evaluation_failed(step, error)
         if self.context.is_main:
             self.tracker.scalars(step, {**{name: results[key] for key, name in
                                            METRIC_SCALARS.items() if key in results},
@@ -142,6 +152,21 @@ class Maintenance:
             self.best_score = score if improved else self.best_score
         if broadcast_flag(self.context, improved):
             self.save(step, self.run_dir / ckpt.BEST_NAME)
+
+    def _evaluation_failed(self, step: int, error: Exception) -> NoReturn:
+        """Stop on a failed evaluation. A single process first saves this step: hours of
+        training must not go with it. Under torchrun the other ranks may still be inside the
+        evaluation and cannot join a save: this rank ends (process_group tells the others why)
+        and the job keeps its last checkpoint."""
+        if isinstance(error, CollectiveFailed):
+            raise error  # another rank's failure, which process_group reports
+        saved = None
+        if not self.context.enabled:
+            saved = ckpt.step_path(self.run_dir, step)
+            self.save(step, saved)
+        if isinstance(error, (UserError, torch.OutOfMemoryError, OSError)):
+            raise EvaluationFailed(step, error, saved) from None
+        raise error
 
     def save(self, step: int, path: Path) -> None:
         ckpt.save_training_state(path, self.state, self.context, step=step,

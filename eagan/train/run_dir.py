@@ -14,10 +14,12 @@ from eagan.files import ensure_writable_dir, remove_stale_temporaries
 from eagan.train import checkpoint as ckpt
 from eagan.train.distributed import DistContext, barrier
 
-# Keys a resumed run may change: how long to train, how often to log, and evaluation.
+# Keys a resumed run may change: how long to train, how often to log, where the data is, how
+# long ranks wait for each other, and evaluation.
 RESUMABLE_KEYS = ("train.total_steps", "train.log_every", "train.sample_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.device",
-                  "data.root", "data.num_workers", "run_dir", "eval.")
+                  "train.collective_timeout_s", "data.root", "data.num_workers", "run_dir",
+                  "eval.")
 
 
 

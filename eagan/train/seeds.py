@@ -18,6 +18,8 @@ from eagan.config import Config, config_differences, to_dict
 from eagan.errors import UserError
 from eagan.train import checkpoint as ckpt
 from eagan.train.distributed import DistContext, barrier, broadcast_object
+from eagan.train.loop import TrainResult
+from eagan.train.run_lock import hold_run_dir
 
 # What a run writes before its first checkpoint; removed when such a run starts again.
 BEFORE_FIRST_CHECKPOINT = ("config.yaml", "stats.jsonl", "tensorboard", ckpt.BEST_NAME)
@@ -97,19 +99,24 @@ def _silent(line: str) -> None:
     """What a rank other than 0 reports: nothing."""
 
 
-def train_seeds(config: Config, seeds: list[int], train_one: Callable[[Config, bool], object],
+def train_seeds(config: Config, seeds: list[int],
+                train_one: Callable[[Config, bool], TrainResult],
                 resumable_keys: tuple[str, ...], context: DistContext,
                 report: Callable[[str], None] = print) -> None:
     """Train ``config`` once per seed, one after another: ``train_one(seed_config, resume)``
-    for each seed that has not finished. Under torchrun every process walks the seeds in the
-    one process group ``context``; rank 0 alone reads, cleans and reports the folders."""
+    for each seed that has not finished, holding its folder (run_lock) from the look at it to
+    the end of its run. Under torchrun every process walks the seeds in the one process group
+    ``context``; rank 0 alone reads, cleans and reports the folders. A run stopped by a signal
+    stops the command: the same command continues it."""
     report = report if context.is_main else _silent  # rank 0 speaks for all
     for seed in seeds:
         seeded = seed_config(config, seed)
-        state = agreed_run_state(seeded, resumable_keys, context)
-        if state == "finished":
-            report(f"seed {seed}: finished ({seeded.run_dir}), skipped")
-            continue
-        report(f"seed {seed}: {'resuming' if state == 'resume' else 'training'} in "
-               f"{seeded.run_dir}")
-        train_one(seeded, state == "resume")
+        with hold_run_dir(Path(seeded.run_dir), context):
+            state = agreed_run_state(seeded, resumable_keys, context)
+            if state == "finished":
+                report(f"seed {seed}: finished ({seeded.run_dir}), skipped")
+                continue
+            report(f"seed {seed}: {'resuming' if state == 'resume' else 'training'} in "
+                   f"{seeded.run_dir}")
+            if train_one(seeded, state == "resume").interrupted:
+                return

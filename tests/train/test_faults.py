@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,78 +199,25 @@ def test_evaluation_failing_saves_then_stops_and_resume_continues(
                                ckpt.load_checkpoint(ckpt.step_path(run_dir, 4)))
 
 
-def fail_save_number(monkeypatch, failing: int) -> None:
-    """Make the ``failing``-th torch.save run out of disk after writing a few bytes."""
-    real_save = torch.save
-    calls = {"n": 0}
+def test_full_disk_when_a_resumed_run_rewrites_its_log(tiny_config_path, tmp_path, monkeypatch,
+                                                       capsys):
+    args = ["-c", str(tiny_config_path), "--train", "--resume", "--no-progress"]
+    assert main([*args, "--set", "train.total_steps=2"]) == 0
+    log = tmp_path / "run" / "stats.jsonl"
+    before = log.read_bytes()
+    real_write_text = Path.write_text
 
-    def save_then_fill_disk(obj, f, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == failing:
-            Path(f).write_bytes(b"partial")
+    def write_text(self, *rest, **kwargs):
+        if self.name.startswith(".stats."):  # the temporary file of the new log
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(obj, f, *args, **kwargs)
+        return real_write_text(self, *rest, **kwargs)
 
-    monkeypatch.setattr(torch, "save", save_then_fill_disk)
-
-
-def test_full_disk_keeps_the_previous_checkpoint(tiny_config_path, tmp_path, monkeypatch,
-                                                 capsys):
-    fail_save_number(monkeypatch, 2)
-    assert main(["-c", str(tiny_config_path), "--train", "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "ckpt-0000004.pt: cannot write the checkpoint (No space left on device)" in err
-    assert err.count("\n") == 1
-    run_dir = tmp_path / "run"
-    assert [step for step, _ in ckpt.step_checkpoints(run_dir)] == [2]
-    assert ckpt.load_checkpoint(ckpt.step_path(run_dir, 2))["step"] == 2
-    assert not list(run_dir.glob(".*.tmp"))
-
-
-def test_full_disk_at_best_keeps_the_previous_best(tiny_config_path, tmp_path, monkeypatch,
-                                                   capsys):
-    def make_evaluator(config, device, show_progress=True):
-        def evaluate(generator, step, rank=0, world_size=1):  # FID falls: every step is best
-            return evaluation_result(100.0 - step)
-        return evaluate
-
-    monkeypatch.setattr("eagan.eval.runs.make_training_evaluator", make_evaluator)
-    # Saves: best.pt (step 2), ckpt-2, best.pt (step 4) fails.
-    fail_save_number(monkeypatch, 3)
-    assert main(["-c", str(tiny_config_path), "--train", "--no-progress",
-                 "--set", "eval.every=2"]) == 2
-    err = capsys.readouterr().err
-    run_dir = tmp_path / "run"
-    assert err == (f"error: {run_dir / 'best.pt'}: cannot write the checkpoint (No space left "
-                   f"on device); the previous files are kept\n")
-    best = ckpt.load_checkpoint(run_dir / "best.pt")
-    assert (best["step"], best["best_score"], best["best_metric"]) == (2, 98.0, "fid")
-    assert [step for step, _ in ckpt.step_checkpoints(run_dir)] == [2]
-    assert not list(run_dir.glob(".*.tmp"))
-
-
-def test_full_disk_at_the_evaluation_json(tiny_config_path, tmp_path, monkeypatch, capsys,
-                                          standin_weights):
-    assert main(["-c", str(tiny_config_path), "--train", "--no-progress",
-                 "--set", "train.total_steps=2"]) == 0
-    run_dir = tmp_path / "run"
-
-    def full_disk(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    # The metrics are tested elsewhere; here only what happens to their result matters.
-    monkeypatch.setattr("eagan.eval.runs.evaluate_generator",
-                        lambda *args, **kwargs: {"fid": 1.0})
-    monkeypatch.setattr(Path, "write_text", full_disk)
+    monkeypatch.setattr(Path, "write_text", write_text)
     capsys.readouterr()
-    assert main(["-c", str(tiny_config_path), "--eval", "--no-progress", "--ckpt", str(run_dir),
-                 "--num-samples", "4", "--inception-weights", str(standin_weights)]) == 2
-    err = capsys.readouterr().err
-    json_path = run_dir / "ckpt-0000002-eval-studiogan2021-bn-running.json"
-    assert err == (f"error: {json_path}: cannot write the file (No space left on device); the "
-                   f"previous files are kept\n")
-    assert not json_path.exists() and not list(run_dir.glob(".*.tmp"))
+    assert main(args) == 2
+    assert capsys.readouterr().err == (f"error: {log}: cannot write the training log (No space "
+                                       f"left on device); the previous files are kept\n")
+    assert log.read_bytes() == before and latest_step(tmp_path / "run") == 2
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -286,3 +234,161 @@ def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_config_pa
     (step, path), = ckpt.step_checkpoints(run_dir)
     assert step >= 2 and ckpt.load_checkpoint(path)["step"] == step
     assert f"stopped at step {step}" in out + err
+
+
+# ---- Signals at every stage: the run stops on a whole checkpoint and continues exactly -------
+
+@pytest.fixture
+def stray_signals_fail():
+    """A SIGINT or SIGTERM that the code under test lets through fails the test instead of
+    ending pytest."""
+    def stray(signum, frame):
+        raise AssertionError(f"{signal.Signals(signum).name} reached the test process")
+    previous = {signum: signal.signal(signum, stray) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+class StandinScorer:
+    """Just what reference_statistics asks of an Inception engine, with 8-d features."""
+    name, weights_sha256, fid_layer = "standin", "0" * 64, "pool"
+
+    def image_features(self, images, batch_size, progress=False):
+        return {"pool": torch.randn(len(images), 8, generator=torch.Generator().manual_seed(0))}
+
+
+def signal_self(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+
+
+@pytest.mark.parametrize("moment", ["computing", "writing the cache"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_the_reference_statistics(tiny_config_path, tmp_path, monkeypatch,
+                                                capsys, stray_signals_fail, signum, moment):
+    """The first evaluation computes the reference statistics: a signal then drops the
+    evaluation at once, saves the step and exits 0; the cache holds no temporary file."""
+    from eagan.eval.reference import reference_statistics
+
+    straight = load_config(tiny_config_path, [f"run_dir={tmp_path / 'straight'}"])
+    train(straight, show_progress=False)
+    cache = tmp_path / "cache"
+
+    def make_evaluator(config, device, show_progress=True):
+        def evaluate(generator, step, rank=0, world_size=1):
+            mu, _ = reference_statistics(StandinScorer(), torch.zeros(16, 3, 32, 32), "fake",
+                                         cache, batch_size=8)
+            return evaluation_result(float(mu.sum()) + 50 - step)
+        return evaluate
+
+    monkeypatch.setattr("eagan.eval.runs.make_training_evaluator", make_evaluator)
+    with monkeypatch.context() as patches:
+        if moment == "computing":
+            features = StandinScorer.image_features
+            patches.setattr(StandinScorer, "image_features", lambda *args, **kwargs: (
+                signal_self(signum), features(*args, **kwargs))[1])
+        else:
+            real_savez = np.savez
+
+            def savez(file, **arrays):
+                file.write(b"the first bytes")
+                signal_self(signum)
+                real_savez(file, **arrays)
+            patches.setattr(np, "savez", savez)
+        args = ["-c", str(tiny_config_path), "--train", "--resume", "--no-progress",
+                "--set", "eval.every=2", "--set", "train.checkpoint_every=4"]
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    assert "step 2: evaluation dropped on a signal" in out and "stopped at step 2 on a" in out
+    assert latest_step(run_dir) == 2 and not (run_dir / "best.pt").exists()
+    assert [path for path in cache.rglob("*") if path.is_file()] == []
+    assert not list(run_dir.glob(".*.tmp"))
+
+    assert main(args) == 0  # the same command: step 4 is evaluated, step 2 is not again
+    assert ckpt.load_checkpoint(run_dir / "best.pt")["step"] == 4
+    assert_same_training_state(ckpt.load_checkpoint(ckpt.step_path(tmp_path / "straight", 4)),
+                               ckpt.load_checkpoint(ckpt.step_path(run_dir, 4)))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_a_checkpoint_write(tiny_config_path, tmp_path, monkeypatch,
+                                          stray_signals_fail, capsys, signum):
+    straight = load_config(tiny_config_path, [f"run_dir={tmp_path / 'straight'}"])
+    train(straight, show_progress=False)
+    real_save = torch.save
+
+    def save_then_signal(payload, path, *args, **kwargs):
+        real_save(payload, path, *args, **kwargs)
+        if payload["step"] == 2:  # its digest and the rename still to come
+            signal_self(signum)
+
+    args = ["-c", str(tiny_config_path), "--train", "--resume", "--no-progress"]
+    with monkeypatch.context() as patches:
+        patches.setattr(torch, "save", save_then_signal)
+        assert main(args) == 0
+    assert "stopped at step 2 on a signal" in capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    assert latest_step(run_dir) == 2 and not list(run_dir.glob(".*.tmp"))
+    assert ckpt.load_checkpoint(ckpt.step_path(run_dir, 2))["step"] == 2
+    assert main(args) == 0
+    assert_same_training_state(ckpt.load_checkpoint(ckpt.step_path(tmp_path / "straight", 4)),
+                               ckpt.load_checkpoint(ckpt.step_path(run_dir, 4)))
+
+
+# An evaluation that would take a minute; it says when it starts.
+SLOW_EVALUATION = """
+import sys, time
+from pathlib import Path
+import eagan.eval.runs
+from eagan.cli import main
+
+def make_evaluator(config, device, show_progress=True):
+    def evaluate(generator, step, rank=0, world_size=1):
+        Path(sys.argv[1]).write_text(str(step))
+        for _ in range(600):
+            time.sleep(0.1)
+        return {"fid": 1.0}
+    return evaluate
+
+eagan.eval.runs.make_training_evaluator = make_evaluator
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_during_an_evaluation_stops_at_once(tmp_path, tiny_config_path):
+    script, started = tmp_path / "slow_evaluation.py", tmp_path / "evaluating"
+    script.write_text(SLOW_EVALUATION)
+    args = ["-c", str(tiny_config_path), "--train", "--resume", "--no-progress",
+            "--set", "eval.every=3"]
+    process = subprocess.Popen([sys.executable, str(script), str(started), *args], cwd=REPO,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(started.is_file, process)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err[-2000:]
+    assert time.monotonic() - signalled < 10  # not the minute the evaluation would take
+    assert "step 3: evaluation dropped on a signal" in out and "stopped at step 3 on a" in out
+    run_dir = tmp_path / "run"
+    assert [step for step, _ in ckpt.step_checkpoints(run_dir)] == [2, 3]
+    assert not list(run_dir.glob(".*.tmp")) and not (run_dir / "best.pt").exists()
+
+
+def test_sigterm_during_an_atomic_write_removes_the_temporary_file(tmp_path):
+    """Outside training (--eval writing its cache or JSON, --sample) SIGTERM's default action
+    would end the process mid-write; while a temporary file exists it interrupts instead."""
+    script = ("import os, signal, sys, time\n"
+              "from eagan.files import atomic_output\n"
+              "try:\n"
+              "    with atomic_output(sys.argv[1]) as tmp_path:\n"
+              "        tmp_path.write_bytes(b'the first bytes')\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "        time.sleep(30)\n"
+              "except KeyboardInterrupt:\n"
+              "    print('interrupted', signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "stats.npz")], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "interrupted True\n"), done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
