@@ -493,7 +493,7 @@ def test_self_attention_cost_grows_faster_than_pixel_count() -> None:
     assert counted_flops(block, 16) > 4 * counted_flops(block, 8)
 
 
-# --- re-associated orders: the block before the re-association----------------------------------
+# --- re-associated orders: the block before the re-association ----------------------------
 # The functions below are the attend() of commit ba55d5d (before the folded orders), kept as the
 # reference the folded orders must reproduce.
 
