@@ -2,6 +2,7 @@
 the grouping that lets pytest-xdist run the suite in parallel safely."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,14 @@ from tests.inception_standin import build_standin_inception_weights
 # start several processes each: under pytest-xdist (-n 2 --dist loadgroup) they all run on one
 # worker, one after another, so no two of them race for a port or for the cores.
 PROCESS_GROUP_MODULES = ("test_distributed.py",)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist each worker (and every process it starts) computes on one thread: two
+    workers with a thread pool each on two cores made every Inception test three times slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
