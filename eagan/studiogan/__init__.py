@@ -56,13 +56,11 @@ from eagan.config import Config, to_dict
 from eagan.errors import UserError
 from eagan.eval.protocols import PROTOCOLS
 from eagan.files import atomic_output, ensure_writable_dir
-from eagan.sampling import class_grid_labels
 from eagan.studiogan.files import common_step, find_files, read_studiogan_file
 from eagan.studiogan.mapping import check_config, load_network, studiogan_class_order
 from eagan.train import checkpoint as ckpt
 from eagan.train.distributed import DistContext, resolve_device
-from eagan.train.loop import open_training_data
-from eagan.train.maintenance import GRID_PER_ROW
+from eagan.train.loop import grid_latents, open_training_data
 from eagan.train.steps import LatentSampler, build_gan
 
 
@@ -105,11 +103,7 @@ def import_studiogan(paths: list[Path], config: Config, out_dir: Path) -> Path:
                 load_network(network, files[kind], config, class_order)
         latents = LatentSampler(config.model.z_dim, dataset.num_classes, config.train.batch_size,
                                 context, seed=config.train.seed + 1)
-        # The fixed latents of the sample grids, drawn as train() draws them: one per image of
-        # the class grid (the run is conditional).
-        grid_labels = class_grid_labels(dataset.num_classes, GRID_PER_ROW, context.device)
-        fixed_z = torch.randn(len(grid_labels), config.model.z_dim,
-                              generator=torch.Generator().manual_seed(config.train.seed + 2))
+        _, fixed_z = grid_latents(config, dataset.num_classes, context.device)
         state = ckpt.TrainingState(
             generator=gan.generator, discriminator=gan.discriminator,
             generator_ema=generator_ema, optimizer_g=gan.opt_g, optimizer_d=gan.opt_d,
@@ -118,7 +112,7 @@ def import_studiogan(paths: list[Path], config: Config, out_dir: Path) -> Path:
                       "best_fid": files["D"].best_fid}
         return _write_run(out_dir, state, context, dict(
             step=step, config=to_dict(config), num_classes=dataset.num_classes,
-            class_names=list(dataset.class_names), fixed_z=fixed_z, best_score=None,
+            class_names=list(dataset.class_names), fixed_z=fixed_z.cpu(), best_score=None,
             best_metric=PROTOCOLS[config.eval.protocol].primary,
             imported_from_studiogan=provenance))
 

@@ -100,7 +100,7 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
     gan, options, generator_ema = build_gan(config, num_classes, context)
     latents = LatentSampler(config.model.z_dim, num_classes, per_rank_batch, context,
                             seed=tc.seed + 1)
-    grid_labels, fixed_z = _grid_latents(config, num_classes, device)
+    grid_labels, fixed_z = grid_latents(config, num_classes, device)
 
     # ---- Resume -------------------------------------------------------------------------------
     # Everything a checkpoint restores besides the per-rank data order and RNGs.
@@ -171,7 +171,7 @@ def _train(config: Config, context: DistContext, resume: bool, show_progress: bo
                        interrupted=stop.requested)
 
 
-def _grid_latents(config: Config, num_classes: int, device: torch.device
+def grid_latents(config: Config, num_classes: int, device: torch.device
                   ) -> tuple[Tensor | None, Tensor]:
     """Labels and fixed latents of the sample grids: the same images to watch from the first
     step on (a resumed run takes the checkpoint's latents)."""
