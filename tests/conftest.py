@@ -13,12 +13,9 @@ from eagan.cli import main
 from tests.fakedata import write_cifar10
 from tests.inception_standin import build_standin_inception_weights
 
-# Tests that start process groups (torchrun, mp.spawn) pick a free port and then bind it, and
-# start several processes each: under pytest-xdist (-n 2 --dist loadgroup) they all run on one
-# worker, one after another, so no two of them race for a port or for the cores.
-PROCESS_GROUP_MODULES = ("test_distributed.py",)
-
-
+# Real torchrun jobs start three processes each (the agent and two ranks): under pytest-xdist
+# (-n 2 --dist loadgroup) they run on one worker, one after another, so that two jobs never
+# share the two cores with the other worker's tests.
 def pytest_configure(config: pytest.Config) -> None:
     """Under xdist each worker (and every process it starts) computes on one thread: two
     workers with a thread pool each on two cores made every Inception test three times slower."""
@@ -29,8 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in PROCESS_GROUP_MODULES or "torchrun" in item.name:
-            item.add_marker(pytest.mark.xdist_group("process_groups"))
+        if "torchrun" in item.name:
+            item.add_marker(pytest.mark.xdist_group("torchrun_jobs"))
 
 
 # Tiny widths (G 16 channels, D 8) and a handful of images: a training step takes milliseconds.

@@ -215,5 +215,12 @@ class LoaderBatchSource:
         self._iterator = None  # the read-ahead belongs to the old position
 
     def close(self) -> None:
-        """Stop the workers; a later next() starts new ones where the stream stands."""
+        """Stop the workers now; a later next() starts new ones where the stream stands."""
+        workers = getattr(self._loader, "_iterator", None)  # the persistent workers' iterator
+        if workers is not None:
+            # DataLoader has no public call for this; it is the one its own exit handler makes.
+            # Dropping the iterator is not enough: after a worker's error its traceback keeps the
+            # iterator alive until the garbage collector, whose arbitrary order of finalizers
+            # can close the queues first and leave the workers 10 s to time out.
+            workers._shutdown_workers()
         self._iterator = self._loader = None

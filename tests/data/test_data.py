@@ -23,6 +23,7 @@ from eagan.data import (DeviceBatchSource, ImageSet, LoaderBatchSource, find_ima
 from eagan.errors import UserError
 from tests.fakedata import (CIFAR10_CLASSES, make_image_set, tiny_imagenet_wnids, write_cifar10,
                             write_image_folder, write_tiny_imagenet)
+from tests.launch import descendants
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -456,11 +457,16 @@ def test_loader_gives_the_device_batches(tmp_path: Path, kind: str) -> None:
 def test_loader_reports_a_corrupt_file_in_one_line(tmp_path: Path) -> None:
     write_image_folder(tmp_path, ["a"], n_per_class=4, size=8)
     (tmp_path / "a" / "img_00002.png").write_bytes(b"\x89PNG broken")
+    before = descendants(os.getpid())
     source = LoaderBatchSource(find_image_files("folder", tmp_path, "train"), 8, 4, 0, "cpu",
                                num_workers=2)
     with pytest.raises(UserError, match=r"^cannot read image .*img_00002.png") as raised:
         source.next()
     assert "\n" not in str(raised.value)
+    # close() ends the workers now; left to the garbage collector, whose order of finalizers
+    # is arbitrary, they took 10 s to end on queues already closed.
+    source.close()
+    assert descendants(os.getpid()) == before
 
 
 def test_state_of_another_dataset_is_refused() -> None:

@@ -2,9 +2,7 @@
 import json
 import math
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -18,46 +16,25 @@ from eagan.train import checkpoint as ckpt
 from eagan.train.distributed import DistContext
 from eagan.train.steps import LatentSampler, StepOptions, discriminator_step, generator_step
 from tests.fakedata import make_image_set
+from tests.launch import fork_ranks, free_port
 from tests.train.test_seeds import assert_same_networks, file_hashes
 from tests.train.test_trainer import tiny_gan
 
-REPO = Path(__file__).resolve().parents[2]
 GLOBAL_BATCH = 8
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def train_on_two_ranks(config: Path, *args: str, env: dict[str, str] | None = None
+                       ) -> subprocess.CompletedProcess:
+    """The training command on two gloo ranks, each started as torchrun starts its workers."""
+    return fork_ranks(["-c", str(config), "--train", "--no-progress", *args], env=env)
 
 
-def torchrun(config: Path, *args: str, env: dict[str, str] | None = None
-             ) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               f"--master_port={free_port()}", str(REPO / "run.py"), "-c", str(config),
-               "--train", "--no-progress", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=REPO)
-
-
-def test_torchrun_trains_checkpoints_and_resumes(tiny_config_path, tmp_path):
-    first = torchrun(tiny_config_path, "--set", "train.total_steps=2")
-    assert first.returncode == 0, first.stderr[-2000:]
-    payload = ckpt.load_checkpoint(ckpt.step_path(tmp_path / "run", 2))
-    assert len(payload["data_order"]) == len(payload["rng"]) == 2  # one per rank
-    resumed = torchrun(tiny_config_path, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert [step for step, _ in ckpt.step_checkpoints(tmp_path / "run")] == [2, 4]
-    stats = (tmp_path / "run" / "stats.jsonl").read_text().splitlines()
-    assert len(stats) == 2  # rank 0 alone logs
-
-
-def test_torchrun_evaluates_across_ranks(tiny_config_path, tmp_path, standin_weights):
-    done = torchrun(tiny_config_path, "--set", "train.total_steps=2", "--set", "eval.every=2",
-                    "--set", "eval.num_samples=7", "--set", "eval.batch_size=4", "--set",
-                    f"eval.cache_dir={tmp_path / 'cache'}", "--inception-weights",
-                    str(standin_weights), env={"TORCH_HOME": str(tmp_path / "torch_home")})
+def test_two_ranks_evaluate_once_and_keep_the_best(tiny_config_path, tmp_path, standin_weights):
+    done = train_on_two_ranks(
+        tiny_config_path, "--set", "train.total_steps=2", "--set", "eval.every=2",
+        "--set", "eval.num_samples=7", "--set", "eval.batch_size=4", "--set",
+        f"eval.cache_dir={tmp_path / 'cache'}", "--inception-weights", str(standin_weights),
+        env={"TORCH_HOME": str(tmp_path / "torch_home")})
     assert done.returncode == 0, done.stderr[-2000:]
     stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text()
              .splitlines()]
@@ -104,7 +81,8 @@ def first_step(rank: int, world_size: int, port: int, out: Path) -> None:
 
 def test_two_ranks_with_half_batches_match_one_rank(tmp_path):
     first_step(0, 1, 0, tmp_path / "one.pt")
-    mp.spawn(first_step, args=(2, free_port(), tmp_path / "two.pt"), nprocs=2)
+    mp.start_processes(first_step, args=(2, free_port(), tmp_path / "two.pt"), nprocs=2,
+                       start_method="fork")  # torch is imported already: no 3 s per process
     one = torch.load(tmp_path / "one.pt", weights_only=True)
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert one["grads"].keys() == two["grads"].keys()
@@ -117,13 +95,12 @@ def test_two_ranks_with_half_batches_match_one_rank(tmp_path):
                                    msg=name)
 
 
-
-def test_torchrun_seeds_share_one_process_group(tiny_config_path, tmp_path):
-    """--seeds under torchrun: both ranks walk the seeds in one process group; rank 0 alone
+def test_seeds_on_two_ranks_share_one_process_group(tiny_config_path, tmp_path):
+    """--seeds on two ranks: both walk the seeds in one process group; rank 0 alone
     decides what each folder needs, restarts a seed stopped before its first checkpoint and
     refuses a folder of another config on every rank (no rank left waiting)."""
     seeds = ("--seeds", "0,1", "--set", "train.total_steps=2")
-    first = torchrun(tiny_config_path, *seeds)
+    first = train_on_two_ranks(tiny_config_path, *seeds)
     assert first.returncode == 0, first.stderr[-2000:]
     seed0, seed1 = tmp_path / "run" / "seed0", tmp_path / "run" / "seed1"
     (tmp_path / "first1.pt").write_bytes(ckpt.step_path(seed1, 2).read_bytes())
@@ -131,7 +108,7 @@ def test_torchrun_seeds_share_one_process_group(tiny_config_path, tmp_path):
         path.unlink()
     seed0_before = file_hashes(seed0)
 
-    again = torchrun(tiny_config_path, *seeds)
+    again = train_on_two_ranks(tiny_config_path, *seeds)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("seed 0: finished") == 1  # rank 0 alone reports
     assert again.stdout.count("seed 1: training in") == 1
@@ -140,7 +117,7 @@ def test_torchrun_seeds_share_one_process_group(tiny_config_path, tmp_path):
     assert len((seed1 / "stats.jsonl").read_text().splitlines()) == \
         len((seed0 / "stats.jsonl").read_text().splitlines())
 
-    refused = torchrun(tiny_config_path, *seeds, "--set", "model.memory_size=4")
+    refused = train_on_two_ranks(tiny_config_path, *seeds, "--set", "model.memory_size=4")
     assert refused.returncode != 0
     assert refused.stderr.count("seed0: holds a run of another config") == 2  # each rank
     assert file_hashes(seed0) == seed0_before

@@ -8,25 +8,35 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import eagan.eval.runs
 from eagan.cli import main
 from eagan.config import load_config
 from eagan.errors import UserError
 from eagan.train import checkpoint as ckpt
 from eagan.train.loop import train
 from tests.helpers import assert_same_training_state, evaluation_result
+from tests.launch import ForkedMain, descendants, fork_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 # In-process runs are compared bit for bit with subprocesses started with OMP_NUM_THREADS=1.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def fork_training(config: Path, *args: str, prepare: Callable[[], None] | None = None
+                  ) -> ForkedMain:
+    """The training command in a process forked from this one (no 3 s of importing torch)."""
+    return ForkedMain(["-c", str(config), "--train", "--no-progress", *args], prepare=prepare)
+
+
 def start_training(config: Path, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    """The training command started as a user starts it, as python run.py."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, *launcher, str(REPO / "run.py"), "-c", str(config),
                              "--train", "--no-progress", *args], cwd=REPO, env=env,
@@ -44,26 +54,6 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> bool
             raise AssertionError("timed out waiting for training")
         time.sleep(0.002)
     return True
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, so a
-    process group does not reach them)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                # The command name in field 2 may hold spaces: split after its ')'.
-                parents[int(entry.name)] = int(
-                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # ended meanwhile
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
 
 
 def kill_job(process: subprocess.Popen) -> None:
@@ -98,7 +88,9 @@ def test_sigkill_at_random_moments_same_command_ends_exact(tmp_path, tiny_config
     landed = []
     for moment in plan:
         resumed_at = latest_step(run_dir)
-        process = start_training(tiny_config_path, *command)
+        # Only a real command has a start-up to kill; the others fork from this process.
+        launch = start_training if moment == "start-up" else fork_training
+        process = launch(tiny_config_path, *command)
         if moment == "start-up":
             time.sleep(rng.uniform(0.05, 0.8))
         elif moment == "config.yaml":
@@ -116,7 +108,7 @@ def test_sigkill_at_random_moments_same_command_ends_exact(tmp_path, tiny_config
     assert landed[1] == 0  # after config.yaml, before the first checkpoint
     assert latest_step(run_dir) < 10
 
-    process = start_training(tiny_config_path, *command)
+    process = fork_training(tiny_config_path, *command)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-2000:]
     assert not list(run_dir.glob(".*.tmp"))  # stale temporaries were cleared
@@ -128,12 +120,13 @@ def test_sigkill_at_random_moments_same_command_ends_exact(tmp_path, tiny_config
 
 
 def test_torchrun_killed_then_same_command_ends_exact(tmp_path, tiny_config_path):
-    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    straight = start_training(tiny_config_path, "--set", f"run_dir={tmp_path / 'straight'}",
-                              "--set", "train.total_steps=8", launcher=launcher)
-    err = straight.communicate(timeout=300)[1]
-    assert straight.returncode == 0, err[-2000:]
+    """A real torchrun job, SIGKILLed: the same command resumes it to the state of a straight
+    run; its checkpoints hold each rank's data order and RNG, and rank 0 alone logs."""
+    straight = fork_ranks(["-c", str(tiny_config_path), "--train", "--no-progress", "--set",
+                           f"run_dir={tmp_path / 'straight'}", "--set", "train.total_steps=8"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
 
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     run_dir = tmp_path / "killed"
     command = ["--resume", "--set", f"run_dir={run_dir}", "--set", "train.total_steps=8"]
     process = start_training(tiny_config_path, *command, launcher=launcher)
@@ -146,8 +139,14 @@ def test_torchrun_killed_then_same_command_ends_exact(tmp_path, tiny_config_path
     process = start_training(tiny_config_path, *command, launcher=launcher)
     err = process.communicate(timeout=300)[1]
     assert process.returncode == 0, err[-2000:]
+    payload = ckpt.load_checkpoint(ckpt.step_path(run_dir, 8))
     assert_same_training_state(ckpt.load_checkpoint(ckpt.step_path(tmp_path / "straight", 8)),
-                               ckpt.load_checkpoint(ckpt.step_path(run_dir, 8)))
+                               payload)
+    assert len(payload["data_order"]) == len(payload["rng"]) == 2  # one per rank
+    assert [step for step, _ in ckpt.step_checkpoints(run_dir)] == [6, 8]  # keep_checkpoints=2
+    logged = [json.loads(line)["step"] for line in
+              (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert logged == [2, 4, 6, 8]  # rank 0 alone logs, each step once across the kill
 
 
 def test_resume_starts_a_run_where_there_is_none(tiny_config_path, tmp_path, capsys):
@@ -223,9 +222,9 @@ def test_full_disk_when_a_resumed_run_rewrites_its_log(tiny_config_path, tmp_pat
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_config_path, signum):
     run_dir = tmp_path / "run"
-    process = start_training(tiny_config_path, "--set", "train.total_steps=100000",
-                             "--set", "train.checkpoint_every=100000",
-                             "--set", "train.log_every=1")
+    process = fork_training(tiny_config_path, "--set", "train.total_steps=100000",
+                            "--set", "train.checkpoint_every=100000",
+                            "--set", "train.log_every=1")
     assert wait_for(lambda: (run_dir / "stats.jsonl").is_file() and
                     len((run_dir / "stats.jsonl").read_text().splitlines()) >= 2, process)
     process.send_signal(signum)
@@ -336,34 +335,21 @@ def test_signal_during_a_checkpoint_write(tiny_config_path, tmp_path, monkeypatc
                                ckpt.load_checkpoint(ckpt.step_path(run_dir, 4)))
 
 
-# An evaluation that would take a minute; it says when it starts.
-SLOW_EVALUATION = """
-import sys, time
-from pathlib import Path
-import eagan.eval.runs
-from eagan.cli import main
-
-def make_evaluator(config, device, show_progress=True):
-    def evaluate(generator, step, rank=0, world_size=1):
-        Path(sys.argv[1]).write_text(str(step))
-        for _ in range(600):
-            time.sleep(0.1)
-        return {"fid": 1.0}
-    return evaluate
-
-eagan.eval.runs.make_training_evaluator = make_evaluator
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def test_sigterm_during_an_evaluation_stops_at_once(tmp_path, tiny_config_path):
-    script, started = tmp_path / "slow_evaluation.py", tmp_path / "evaluating"
-    script.write_text(SLOW_EVALUATION)
-    args = ["-c", str(tiny_config_path), "--train", "--resume", "--no-progress",
-            "--set", "eval.every=3"]
-    process = subprocess.Popen([sys.executable, str(script), str(started), *args], cwd=REPO,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = tmp_path / "evaluating"
+
+    def slow_evaluation():
+        """An evaluation that would take a minute; it says when it starts."""
+        def make_evaluator(config, device, show_progress=True):
+            def evaluate(generator, step, rank=0, world_size=1):
+                started.write_text(str(step))
+                time.sleep(60)
+                return {"fid": 1.0}
+            return evaluate
+        eagan.eval.runs.make_training_evaluator = make_evaluator
+
+    process = fork_training(tiny_config_path, "--resume", "--set", "eval.every=3",
+                            prepare=slow_evaluation)
     assert wait_for(started.is_file, process)
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)

@@ -4,6 +4,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -23,10 +25,12 @@ from eagan.cli import main
 from eagan.config import load_config
 from eagan.train import checkpoint as ckpt
 from eagan.train.loop import train
-from eagan.train.run_lock import LOCK_NAME
+from eagan.train.distributed import DistContext
+from eagan.train.run_lock import LOCK_NAME, hold_run_dir
 from tests.helpers import assert_same_training_state, evaluation_result
-from tests.train.test_distributed import free_port, torchrun
-from tests.train.test_faults import REPO, latest_step, start_training, wait_for
+from tests.launch import FORK, free_port
+from tests.train.test_distributed import train_on_two_ranks
+from tests.train.test_faults import REPO, fork_training, latest_step, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,39 +48,33 @@ def file_state(folder: Path) -> dict[str, tuple[str, int]]:
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-HOLD_FOLDER = """
-import os, sys, time
-from pathlib import Path
-import torch
-from eagan.train.distributed import DistContext
-from eagan.train.run_lock import hold_run_dir
-with hold_run_dir(Path(sys.argv[1]), DistContext(0, 1, torch.device("cpu"))):
-    worker = os.fork()  # as a DataLoader worker is
-    if worker == 0:
+def hold_folder(run_dir: Path, report: Connection) -> None:
+    with hold_run_dir(run_dir, DistContext(0, 1, torch.device("cpu"))):
+        worker = os.fork()  # as a DataLoader worker is
+        if worker == 0:
+            time.sleep(300)
+            os._exit(0)
+        report.send(worker)
         time.sleep(300)
-        os._exit(0)
-    print("held", worker, flush=True)
-    time.sleep(300)
-"""
 
 
 @contextlib.contextmanager
-def folder_held(run_dir: Path) -> Iterator[subprocess.Popen]:
+def folder_held(run_dir: Path) -> Iterator[multiprocessing.Process]:
     """Another process holding ``run_dir`` as a training command does, with a forked worker;
     both SIGKILLed at the end, so that neither releases the lock itself."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(run_dir)], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
+    receive, send = FORK.Pipe(duplex=False)
+    holder = FORK.Process(target=hold_folder, args=(run_dir, send))
+    holder.start()
     worker = None
     try:
-        held, worker = holder.stdout.readline().split()
-        assert held == "held"
+        assert receive.poll(60), "the holder did not take the folder"
+        worker = receive.recv()
         yield holder
     finally:
         holder.kill()
-        holder.wait(timeout=60)
+        holder.join()  # on the pid: a timeout would wait for the worker too
         if worker is not None:
-            os.kill(int(worker), signal.SIGKILL)
-        holder.stdout.close()
+            os.kill(worker, signal.SIGKILL)
 
 
 # ---- One training process per run folder ----------------------------------------------------
@@ -95,7 +93,7 @@ def test_a_second_training_command_is_refused_and_touches_nothing(tiny_config_pa
         assert file_state(run_dir) == before
         # The holder dies without releasing (SIGKILL), its worker lives on: the folder is free.
         holder.kill()
-        holder.wait()
+        holder.join()
         assert main(args) == 0
     assert latest_step(run_dir) == 4 and not (run_dir / LOCK_NAME).exists()
 
@@ -104,15 +102,17 @@ def test_two_training_commands_on_one_folder_the_second_is_refused(tiny_config_p
     run_dir = tmp_path / "run"
     command = ["--resume", "--set", "train.total_steps=100000",
                "--set", "train.checkpoint_every=100000"]
-    first = start_training(tiny_config_path, *command)
+    first = fork_training(tiny_config_path, *command)
     lock = run_dir / LOCK_NAME
     assert wait_for(lambda: lock.is_file() and lock.read_text().startswith(f"pid {first.pid} "),
                     first)
-    second = start_training(tiny_config_path, *command)
+    second = fork_training(tiny_config_path, *command)
     err = second.communicate(timeout=120)[1]
     assert (second.returncode, err) == (2, refusal(run_dir, first.pid))
     assert first.poll() is None  # the first one trains on
-    first.send_signal(signal.SIGINT)
+    log = run_dir / "stats.jsonl"
+    assert wait_for(lambda: log.is_file() and log.read_text().count("\n") >= 1, first)
+    first.send_signal(signal.SIGINT)  # once it trains: stopping saves a checkpoint
     out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err[-2000:]
     (step, path), = ckpt.step_checkpoints(run_dir)
@@ -120,11 +120,11 @@ def test_two_training_commands_on_one_folder_the_second_is_refused(tiny_config_p
     assert ckpt.load_checkpoint(path)["step"] == step and not lock.exists()
 
 
-def test_torchrun_job_on_a_held_folder_stops_every_rank(tiny_config_path, tmp_path):
+def test_two_ranks_on_a_held_folder_both_stop(tiny_config_path, tmp_path):
     run_dir = tmp_path / "run"
     with folder_held(run_dir) as holder:
         before = file_state(run_dir)
-        done = torchrun(tiny_config_path, "--resume")
+        done = train_on_two_ranks(tiny_config_path, "--resume")
         assert done.returncode != 0
         # Rank 0 was refused and told rank 1, which stopped too rather than wait.
         assert done.stderr.count(refusal(run_dir, holder.pid)) == 2
@@ -215,19 +215,11 @@ def test_torchrun_rank_failing_alone_ends_the_job_then_resume_is_exact(tiny_conf
     script = tmp_path / "failing_rank.py"
     script.write_text(FAILING_RANK)
     run_dir = tmp_path / "run"
-    # The uninterrupted run, side by side with the one that fails.
-    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with subprocess.Popen(torchrun_command([str(REPO / "run.py")], tiny_config_path, *steps,
-                                           "--set", f"run_dir={tmp_path / 'straight'}"),
-                          cwd=REPO, env=one_thread, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True) as straight:
-        failed = subprocess.run(torchrun_command([str(script), str(tmp_path)], tiny_config_path,
-                                                 *steps, "--resume", "--set", "eval.every=3"),
-                                capture_output=True, text=True, timeout=300, cwd=REPO,
-                                env=one_thread)
-        ended_at = time.time()
-        assert straight.wait(timeout=300) == 0, straight.stderr.read()[-2000:]
-
+    failed = subprocess.run(torchrun_command([str(script), str(tmp_path)], tiny_config_path,
+                                             *steps, "--resume", "--set", "eval.every=3"),
+                            capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ended_at = time.time()
     assert failed.returncode != 0
     assert ended_at - float((tmp_path / "failed_at").read_text()) < TIMEOUT_S
     assert [(tmp_path / f"exit-{rank}").read_text() for rank in (0, 1)] == ["2", "2"]
@@ -238,7 +230,10 @@ def test_torchrun_rank_failing_alone_ends_the_job_then_resume_is_exact(tiny_conf
                               f"error: the job stopped because rank 1 failed: {cause}"]
     assert latest_step(run_dir) == 2 and not list(run_dir.glob(".*.tmp"))
 
-    resumed = torchrun(tiny_config_path, *steps, "--resume", "--set", "eval.every=0")
+    straight = train_on_two_ranks(tiny_config_path, *steps, "--set",
+                                  f"run_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    resumed = train_on_two_ranks(tiny_config_path, *steps, "--resume", "--set", "eval.every=0")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_training_state(ckpt.load_checkpoint(ckpt.step_path(tmp_path / "straight", 4)),
                                ckpt.load_checkpoint(ckpt.step_path(run_dir, 4)))

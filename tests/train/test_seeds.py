@@ -10,7 +10,7 @@ from eagan.config import load_config
 from eagan.train import checkpoint as ckpt
 from eagan.train.loop import train
 from eagan.train.seeds import parse_seeds
-from tests.train.test_faults import start_training, wait_for
+from tests.train.test_faults import fork_training, wait_for
 
 STEPS = ["train.total_steps=8", "train.checkpoint_every=1", "train.keep_checkpoints=3"]
 OVERRIDES = [item for step in STEPS for item in ("--set", step)]
@@ -18,7 +18,7 @@ OVERRIDES = [item for step in STEPS for item in ("--set", step)]
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """The killed training runs in a process with one thread (start_training); the runs it is
+    """The killed training runs in a process with one thread (fork_training); the runs it is
     compared with do the same, as a float sum's order depends on the thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -62,7 +62,7 @@ def straight_run(config_path, run_dir, seed):
 def test_killed_during_the_second_seed_the_same_command_continues_exactly(tmp_path,
                                                                             tiny_config_path):
     base = tmp_path / "run"
-    process = start_training(tiny_config_path, "--seeds", "0,1", *OVERRIDES)
+    process = fork_training(tiny_config_path, "--seeds", "0,1", *OVERRIDES)
     seed1 = base / "seed1"
     # Checkpoints every step: the kill lands mid-step or mid-write of the second seed.
     wait_for(lambda: ckpt.latest_checkpoint(seed1) is not None and
