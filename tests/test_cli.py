@@ -113,6 +113,7 @@ def test_user_errors_exit_2_with_one_line(tiny_config_path, capsys, args, messag
     assert message in err
 
 
+@pytest.mark.slow
 def test_training_evaluates_keeps_best_and_eval_writes_json(tiny_config_path, tmp_path,
                                                             standin_weights, monkeypatch, capsys):
     def refuse(*args, **kwargs):
@@ -120,9 +121,10 @@ def test_training_evaluates_keeps_best_and_eval_writes_json(tiny_config_path, tm
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    quick_eval = ["--set", "eval.every=2", "--set", "eval.num_samples=8", "--set",
-                  "eval.batch_size=8", "--set", f"eval.cache_dir={tmp_path / 'cache'}",
-                  "--inception-weights", standin_weights]
+    # 4 samples, generated in full batches of the training batch (4): none wasted on Inception.
+    quick_eval = ["--set", "eval.every=2", "--set", "eval.num_samples=4", "--set",
+                  "eval.batch_size=4", "--set", f"eval.cache_dir={tmp_path / 'cache'}",
+                  "--set", "train.batch_size=4", "--inception-weights", standin_weights]
     assert run_cli("-c", tiny_config_path, "--train", *quick_eval) == 0
     run_dir = tmp_path / "run"
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
@@ -130,13 +132,13 @@ def test_training_evaluates_keeps_best_and_eval_writes_json(tiny_config_path, tm
     assert sorted(fids) == [2, 4]
     best_step = min(fids, key=fids.get)
     assert ckpt.load_checkpoint(run_dir / "best.pt")["step"] == best_step
-    assert list((tmp_path / "cache" / "fid_stats").glob("cifar10-test-n16-*.npz"))
+    assert list((tmp_path / "cache" / "fid_stats").glob("cifar10-test-n8-*.npz"))
 
     capsys.readouterr()
     assert run_cli("-c", tiny_config_path, "--eval", "--ckpt", run_dir, *quick_eval[2:]) == 0
     result = json.loads((run_dir / "best-eval-studiogan2021-bn-running.json").read_text())
-    assert result["step"] == best_step and result["num_samples"] == 8
-    assert result["reference"] == {"name": "cifar10-test", "split": "test", "count": 16,
+    assert result["step"] == best_step and result["num_samples"] == 4
+    assert result["reference"] == {"name": "cifar10-test", "split": "test", "count": 8,
                                    "held_out": True}
     assert (result["protocol"], result["bn_mode"], result["ema"]) == \
         ("studiogan2021", "running", False)

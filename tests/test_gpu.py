@@ -323,6 +323,7 @@ def test_resume_is_exact_on_cuda_with_deterministic_algorithms(tiny_config_path,
                                ckpt.load_checkpoint(ckpt.step_path(tmp_path / "halves", 4)))
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_smoke_runs_its_sections_and_writes_json(tmp_path):
     # The reduced CPU run of benchmarks/gpu_check.py, three of its sections (the FID and the
     # other recipes take minutes on 2 busy cores): pytest's CUDA tests read back from JUnit

@@ -3,7 +3,7 @@ offline, with stand-in Inception weights (tests/inception_standin.py) for both e
 (torch-fidelity and pytorch-fid).
 
 Inception costs about 0.2-0.6 s per image here (more under load), so every Inception pass is
-shared through a fixture and uses at most 16 images: about 190 images in all.
+shared through a fixture and uses at most 16 images: about 120 images in all.
 """
 
 import dataclasses
@@ -44,6 +44,10 @@ from eagan.eval.protocols import PROTOCOLS, resolve_protocol
 from eagan.eval.runs import generation_batch_size
 from eagan.eval.scores import frechet_distance, gaussian_statistics, inception_score_from_logits
 from eagan.nets.bn_mode import bn_mode
+
+# The module's fixtures pass images through Inception once per process: under pytest-xdist one
+# worker runs the whole module, so that no other repeats them.
+pytestmark = pytest.mark.xdist_group("inception_module_fixtures")
 
 RESULT_KEYS = {"fid", "is_mean", "is_std", "protocol", "num_samples", "is_samples", "is_splits",
                "reference", "bn_mode", "ema", "step", "seed", "generation_batch_size",
@@ -95,9 +99,12 @@ def smooth_images(count: int, seed: int) -> torch.Tensor:
     return smooth_float_images(count, seed).round().to(torch.uint8)
 
 
+BASE_COUNT = 8  # images in the shared sets: each is an Inception pass, 0.2-0.6 s here
+
+
 @pytest.fixture(scope="module")
 def base_images() -> torch.Tensor:
-    return smooth_images(16, seed=0)
+    return smooth_images(BASE_COUNT, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -328,13 +335,14 @@ def test_frechet_distance_rejects_mismatched_shapes():
 # ----------------------------------------------------------------------------- FID on Inception
 
 def test_fid_of_a_set_against_itself_is_zero(base_statistics):
-    # 16 samples give a rank-15 covariance in 2048 dimensions; a square root that kept the
-    # rounding-noise eigenvalues would give about -1e-6 here. Exact arithmetic gives 0; float64
+    # 8 samples give a rank-7 covariance in 2048 dimensions; a square root that kept the
+    # rounding-noise eigenvalues (pytorch-fid's) gives -1.8e-6 here. Exact arithmetic gives 0; float64
     # leaves about 1e-15 of the trace.
     mu, sigma = base_statistics
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
 
 
+@pytest.mark.slow
 def test_fid_grows_with_a_brightness_shift(base_statistics, shifted_statistics):
     small, large = (frechet_distance(*base_statistics, *shifted_statistics[shift])
                     for shift in (10, 35))
@@ -365,17 +373,18 @@ def pytorch_fid_statistics(pytorch_fid_inception, base_images) -> tuple[np.ndarr
     return gaussian_statistics(features)
 
 
+@pytest.mark.slow
 def test_engines_differ_by_what_resize_and_quantisation_explain(
         pytorch_fid_inception, base_statistics, pytorch_fid_statistics, shifted_statistics):
-    # The same 16 uint8 images through both engines. Measured with the stand-in weights: FID
-    # 0.0140 between the engines (0.0120 of it from PyTorch's against TF1's bilinear resize,
-    # 0.0022 from x/127.5 - 1 against (x - 128)/128), against 0.370 for a brightness shift of
-    # 10 levels; feeding the unrounded floats instead of uint8 moves the pytorch-fid FID by
-    # 3e-5.
+    # The same 8 uint8 images through both engines. Measured with the stand-in weights: FID
+    # 0.0132 between the engines, against 0.454 for a brightness shift of 10 levels (with 16
+    # images 0.0140, of which 0.0120 came from PyTorch's against TF1's bilinear resize and
+    # 0.0022 from x/127.5 - 1 against (x - 128)/128); feeding the unrounded floats instead of
+    # uint8 moves the pytorch-fid FID by 3e-5.
     between_engines = frechet_distance(*base_statistics, *pytorch_fid_statistics)
     shift_10 = frechet_distance(*base_statistics, *shifted_statistics[10])
     assert 1e-4 < between_engines < shift_10 / 10, (between_engines, shift_10)
-    floats = smooth_float_images(16, seed=0) / 127.5 - 1  # what base_images were rounded from
+    floats = smooth_float_images(BASE_COUNT, seed=0) / 127.5 - 1  # what base_images were rounded from
     unrounded = gaussian_statistics(pytorch_fid_inception.float_features(floats)[FID_LAYER])
     quantisation = frechet_distance(*pytorch_fid_statistics, *unrounded)
     assert 0 < quantisation < between_engines / 10, (quantisation, between_engines)
@@ -536,6 +545,7 @@ class RecordingGenerator(TinyGenerator):
         return super().forward(z, labels)
 
 
+@pytest.mark.slow
 def test_evaluate_generator_end_to_end_on_torch_fidelity(inception, standin_weights,
                                                          base_images, base_statistics, tmp_path):
     torch.manual_seed(0)
@@ -562,7 +572,8 @@ def test_evaluate_generator_end_to_end_on_torch_fidelity(inception, standin_weig
     assert first == {
         "fid": first["fid"], "is_mean": first["is_mean"], "is_std": first["is_std"],
         "protocol": "standard", "num_samples": 10, "is_samples": "the FID set", "is_splits": 10,
-        "reference": {"name": "smooth-train", "split": "train", "count": 16, "held_out": False},
+        "reference": {"name": "smooth-train", "split": "train", "count": BASE_COUNT,
+                      "held_out": False},
         "bn_mode": "running", "ema": True, "step": 1234, "seed": 7,
         "generation_batch_size": 4, "inception_batch_size": 16,
         "inception": {"engine": "torch-fidelity", "engine_version": torch_fidelity.__version__,
@@ -597,10 +608,11 @@ def test_evaluate_generator_end_to_end_on_torch_fidelity(inception, standin_weig
 
     table = format_results_table([{**first, "elapsed_s": 1.5}])
     assert table.splitlines()[0].split() == ["FID", f"{first['fid']:.3f}"]
-    assert "smooth-train (split train, 16 images)" in table
+    assert f"smooth-train (split train, {BASE_COUNT} images)" in table
     assert ["WARNING", NOT_COMPARABLE] in [line.split(None, 1) for line in table.splitlines()]
 
 
+@pytest.mark.slow
 def test_bn_mode_switch_and_full_batches_on_pytorch_fid(pytorch_fid_inception, base_images,
                                                         tmp_path):
     generator = RecordingGenerator().train()
@@ -633,6 +645,7 @@ def test_bn_mode_switch_and_full_batches_on_pytorch_fid(pytorch_fid_inception, b
                if line.startswith("BN mode"))
 
 
+@pytest.mark.slow
 def test_studiogan2021_through_eval_reports_both_bn_modes(tiny_config_path, tmp_path,
                                                           standin_weights, capsys):
     # Train one step at batch 4, then --eval with both BN modes: the generator runs in full
@@ -653,7 +666,7 @@ def test_studiogan2021_through_eval_reports_both_bn_modes(tiny_config_path, tmp_
             "studiogan2021", mode, 4)
         assert (result["generation_batch_size"], result["is_samples"], result["is_splits"]) == (
             4, "own set", 1)
-        assert result["reference"] == {"name": "cifar10-test", "split": "test", "count": 16,
+        assert result["reference"] == {"name": "cifar10-test", "split": "test", "count": 8,
                                        "held_out": True}
         assert result["inception"] == {
             "engine": "pytorch-fid", "engine_version": pytorch_fid.__version__,

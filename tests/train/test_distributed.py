@@ -5,6 +5,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,6 +30,7 @@ def train_on_two_ranks(config: Path, *args: str, env: dict[str, str] | None = No
     return fork_ranks(["-c", str(config), "--train", "--no-progress", *args], env=env)
 
 
+@pytest.mark.slow
 def test_two_ranks_evaluate_once_and_keep_the_best(tiny_config_path, tmp_path, standin_weights):
     done = train_on_two_ranks(
         tiny_config_path, "--set", "train.total_steps=2", "--set", "eval.every=2",

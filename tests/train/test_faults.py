@@ -119,6 +119,7 @@ def test_sigkill_at_random_moments_same_command_ends_exact(tmp_path, tiny_config
     assert logged == [2, 4, 6, 8, 10]  # every log step once, none twice
 
 
+@pytest.mark.slow
 def test_torchrun_killed_then_same_command_ends_exact(tmp_path, tiny_config_path):
     """A real torchrun job, SIGKILLed: the same command resumes it to the state of a straight
     run; its checkpoints hold each rank's data order and RNG, and rank 0 alone logs."""

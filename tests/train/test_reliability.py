@@ -209,6 +209,7 @@ def torchrun_command(entry: list[str], config: Path, *args: str) -> list[str]:
             "--no-progress", *args]
 
 
+@pytest.mark.slow
 def test_torchrun_rank_failing_alone_ends_the_job_then_resume_is_exact(tiny_config_path,
                                                                         tmp_path):
     steps = ("--set", "train.total_steps=4", "--set", f"train.collective_timeout_s={TIMEOUT_S}")

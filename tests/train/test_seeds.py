@@ -59,6 +59,7 @@ def straight_run(config_path, run_dir, seed):
     return run_dir
 
 
+@pytest.mark.slow
 def test_killed_during_the_second_seed_the_same_command_continues_exactly(tmp_path,
                                                                             tiny_config_path):
     base = tmp_path / "run"

@@ -273,6 +273,7 @@ def test_same_seed_same_run(tmp_path, tiny_config_path):
         assert torch.equal(value, runs[1][name])
 
 
+@pytest.mark.slow
 def test_compiled_first_step_matches_eager(tmp_path, tiny_config_path, monkeypatch):
     # Dynamo tracing and AOT autograd, where our modules meet the compiler (parametrizations,
     # in-place power-iteration updates, autocast regions); inductor's C++ code generation
