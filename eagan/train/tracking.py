@@ -15,16 +15,17 @@ import itertools
 import json
 import os
 import socket
+import struct
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import torch
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
-from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard.summary import image, scalar
 
 from eagan.errors import UserError
@@ -92,7 +93,7 @@ class EventFile:
                               f"{socket.gethostname()}.{os.getpid()}.{next(_event_files)}")
         with _writing(self.path, "the TensorBoard events"):
             folder.mkdir(parents=True, exist_ok=True)
-            self._records = RecordWriter(open(self.path, "wb"))
+            self._file = open(self.path, "wb")
         self._write([Event(wall_time=time.time(), file_version="brain.Event:2"),
                      Event(wall_time=time.time(), step=purge_step,
                            session_log=SessionLog(status=SessionLog.START))])
@@ -104,12 +105,28 @@ class EventFile:
     def _write(self, events: list[Event]) -> None:
         with _writing(self.path, "the TensorBoard events"):
             for event in events:
-                self._records.write(event.SerializeToString())
-            self._records.flush()
+                self._file.write(tfrecord(event.SerializeToString()))
+            self._file.flush()
 
     def close(self) -> None:
         with _writing(self.path, "the TensorBoard events"):
-            self._records.close()
+            self._file.close()
+
+
+def tfrecord(data: bytes) -> bytes:
+    """``data`` framed as TensorBoard's RecordWriter frames it: its length, the length's masked
+    CRC-32C, the data, the data's masked CRC-32C. RecordWriter computes the CRC byte by byte in
+    Python (0.12 s per MB on a 2-core EPYC, most of a CPU training step's logging);
+    google-crc32c computes it natively (0.14 ms per MB)."""
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc32c(length)) + data + \
+        struct.pack("<I", _masked_crc32c(data))
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """The CRC-32C, rotated right by 15 bits plus a constant: the TFRecord checksum."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.summary.writer.record_writer import RecordWriter
 
 from eagan.cli import main
 from eagan.config import load_config
@@ -319,40 +318,41 @@ def test_full_disk_at_the_evaluation_json(tiny_config_path, tmp_path, monkeypatc
 LOGGED_EVERY_STEP = ["train.log_every=1", "train.checkpoint_every=2"]
 
 
-class HalfLineThenFullDisk:
-    """stats.jsonl, whose disk fills halfway through the line of step 3."""
+class FullDiskPartWay:
+    """A file whose disk fills halfway through the first write that ``fills`` picks."""
 
-    def __init__(self, handle) -> None:
-        self.handle = handle
+    def __init__(self, handle, fills) -> None:
+        self.handle, self.fills = handle, fills
 
-    def write(self, text: str) -> int:
-        if json.loads(text)["step"] == 3:
-            self.handle.write(text[:len(text) // 2])
+    def write(self, data):
+        if self.fills(data):
+            self.handle.write(data[:len(data) // 2])
             self.handle.flush()
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self.handle.write(text)
+        return self.handle.write(data)
 
     def __getattr__(self, name: str):
         return getattr(self.handle, name)
 
 
-def fill_disk_in_stats_jsonl(monkeypatch) -> None:
-    def open_log(path, mode="r", *args, **kwargs):
+def fill_disk_in(monkeypatch, file_name: str, fills) -> None:
+    def open_file(path, mode="r", *args, **kwargs):
         handle = open(path, mode, *args, **kwargs)
-        return HalfLineThenFullDisk(handle) if Path(path).name == "stats.jsonl" else handle
-    monkeypatch.setattr("eagan.train.tracking.open", open_log, raising=False)
+        return FullDiskPartWay(handle, fills) if file_name in Path(path).name else handle
+    monkeypatch.setattr("eagan.train.tracking.open", open_file, raising=False)
+
+
+def fill_disk_in_stats_jsonl(monkeypatch) -> None:
+    """Halfway through the line of step 3."""
+    fill_disk_in(monkeypatch, "stats.jsonl", lambda line: json.loads(line)["step"] == 3)
 
 
 def fill_disk_in_tensorboard(monkeypatch) -> None:
-    real_write = RecordWriter.write
-
-    def write(self, data: bytes) -> None:
-        event = Event.FromString(data)
-        if event.step == 3 and event.HasField("summary"):
-            self._writer.write(data[:len(data) // 2])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write(self, data)
-    monkeypatch.setattr(RecordWriter, "write", write)
+    """Halfway through the first summary of step 3."""
+    def fills(record: bytes) -> bool:
+        event = Event.FromString(record[12:-4])  # after the length and its CRC, before a CRC
+        return event.step == 3 and event.HasField("summary")
+    fill_disk_in(monkeypatch, "events.out.tfevents.", fills)
 
 
 @pytest.mark.parametrize("fill_disk, failing", [
