@@ -114,8 +114,10 @@ def test_user_errors_exit_2_with_one_line(tiny_config_path, capsys, args, messag
 
 
 @pytest.mark.slow
-def test_training_evaluates_keeps_best_and_eval_writes_json(tiny_config_path, tmp_path,
-                                                            standin_weights, monkeypatch, capsys):
+def test_training_evaluates_every_metric_keeps_best_and_eval_repeats_it(
+        tiny_config_path, tmp_path, standin_weights, monkeypatch, capsys):
+    """FID, IS, KID and precision/recall at steps 2 and 4, through stats.jsonl and TensorBoard;
+    best.pt is the step of the lowest FID; --eval of it gives the same numbers again."""
     def refuse(*args, **kwargs):
         raise OSError("network disabled in tests")
 
@@ -124,18 +126,31 @@ def test_training_evaluates_keeps_best_and_eval_writes_json(tiny_config_path, tm
     # 4 samples, generated in full batches of the training batch (4): none wasted on Inception.
     quick_eval = ["--set", "eval.every=2", "--set", "eval.num_samples=4", "--set",
                   "eval.batch_size=4", "--set", f"eval.cache_dir={tmp_path / 'cache'}",
-                  "--set", "train.batch_size=4", "--inception-weights", standin_weights]
+                  "--set", "eval.metrics=[fid, is, kid, prc]", "--set", "train.batch_size=4",
+                  "--inception-weights", standin_weights]
     assert run_cli("-c", tiny_config_path, "--train", *quick_eval) == 0
     run_dir = tmp_path / "run"
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
-    fids = {line["step"]: line["Metrics/fid"] for line in stats if "Metrics/fid" in line}
-    assert sorted(fids) == [2, 4]
-    best_step = min(fids, key=fids.get)
+    evaluations = {line["step"]: line for line in stats if "Metrics/fid" in line}
+    assert sorted(evaluations) == [2, 4]
+    for line in evaluations.values():
+        assert 0 <= line["Metrics/precision"] <= 1 and 0 <= line["Metrics/recall"] <= 1
+        assert line["Metrics/kid_std"] >= 0 and np.isfinite(line["Metrics/kid_mean"])
+        assert line["Eval/protocol"] == "studiogan2021" and line["Eval/num_samples"] == 4
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"Metrics/fid", "Metrics/kid_mean", "Metrics/kid_std", "Metrics/precision",
+            "Metrics/recall"} <= set(events.Tags()["scalars"])
+    best_step = min(evaluations, key=lambda step: evaluations[step]["Metrics/fid"])
     assert ckpt.load_checkpoint(run_dir / "best.pt")["step"] == best_step
-    assert list((tmp_path / "cache" / "fid_stats").glob("cifar10-test-n8-*.npz"))
+    cached = tmp_path / "cache" / "fid_stats"
+    assert list(cached.glob("cifar10-test-n8-*.npz"))
+    assert list(cached.glob("cifar10-test-n8-*-features.npy"))  # for KID and PRC
 
     capsys.readouterr()
     assert run_cli("-c", tiny_config_path, "--eval", "--ckpt", run_dir, *quick_eval[2:]) == 0
+    out = capsys.readouterr().out
+    assert "FID" in out and "KID" in out and "precision / recall" in out
     result = json.loads((run_dir / "best-eval-studiogan2021-bn-running.json").read_text())
     assert result["step"] == best_step and result["num_samples"] == 4
     assert result["reference"] == {"name": "cifar10-test", "split": "test", "count": 8,
@@ -144,6 +159,13 @@ def test_training_evaluates_keeps_best_and_eval_writes_json(tiny_config_path, tm
         ("studiogan2021", "running", False)
     assert result["inception"]["weights_sha256"] == \
         hashlib.sha256(standin_weights.read_bytes()).hexdigest()
-    # The same generator, samples and seed as the training-time evaluation of that step.
-    assert result["fid"] == pytest.approx(fids[best_step], rel=1e-6)
-    assert "FID" in capsys.readouterr().out
+    # 4 generated against 8 reference images: subsets of 4.
+    assert (result["kid_subsets"], result["kid_subset_size"], result["prc_neighborhood"]) == \
+        (100, 4, 3)
+    # The same generator, samples, seed and (cached) reference features as the training-time
+    # evaluation of that step.
+    best = evaluations[best_step]
+    assert result["fid"] == pytest.approx(best["Metrics/fid"], rel=1e-6)
+    assert result["kid_mean"] == pytest.approx(best["Metrics/kid_mean"], rel=1e-5, abs=1e-9)
+    assert (result["precision"], result["recall"]) == \
+        (best["Metrics/precision"], best["Metrics/recall"])
