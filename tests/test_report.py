@@ -1,13 +1,16 @@
 """run.py --report: grouping by config minus seed, statistics over seeds, Welch intervals,
 refusals, plots; then end to end on the digits demo."""
 import csv
+import errno
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from matplotlib.figure import Figure
 from PIL import Image
 
 from eagan.cli import main
@@ -180,6 +183,29 @@ def test_plots_are_written(synthetic_runs, tmp_path):
     text = (out / "report.md").read_text()
     assert "![FID against step](fid_vs_step.png)" in text
     assert "![gamma against step](gamma_vs_step.png)" in text
+
+
+def test_a_full_disk_while_drawing_keeps_the_earlier_plot_whole(synthetic_runs, tmp_path,
+                                                                 monkeypatch, capsys):
+    out = tmp_path / "report"
+    args = ["--report", str(synthetic_runs / "ea"), str(synthetic_runs / "sa"), "--out", str(out)]
+    assert main(args) == 0
+    before = (out / "fid_vs_step.png").read_bytes()
+    real_savefig = Figure.savefig
+
+    def half_then_full_disk(self, fname, **kwargs):
+        real_savefig(self, fname, **kwargs)
+        Path(fname).write_bytes(Path(fname).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", half_then_full_disk)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {out / 'fid_vs_step.png'}: cannot write the report figure (No space "
+                   f"left on device); the previous files are kept\n")
+    assert (out / "fid_vs_step.png").read_bytes() == before
+    assert not list(out.glob(".*.tmp"))
 
 
 DEMO_TINY = ["--set", "train.total_steps=4", "--set", "train.batch_size=8",

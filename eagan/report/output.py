@@ -195,8 +195,7 @@ def plot_measure(groups: list[Group], key: str, name: str, path: Path, title_not
                    fontsize=9)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save_figure(figure, path)
 
 
 def plot_gammas(groups: list[Group], path: Path) -> bool:
@@ -216,9 +215,19 @@ def plot_gammas(groups: list[Group], path: Path) -> bool:
         axes.set_xlabel("generator step")
         axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save_figure(figure, path)
     return True
+
+
+def _save_figure(figure: Any, path: Path) -> None:
+    """Written as the tables are, through a temporary file renamed into place: a report stopped
+    or failing mid-write leaves the earlier picture whole. The format is named because the
+    temporary file's suffix is not the picture's."""
+    try:
+        with atomic_output(path, "the report figure") as tmp_path:
+            figure.savefig(tmp_path, dpi=100, format=path.suffix.lstrip("."))
+    finally:
+        _pyplot().close(figure)
 
 
 def _mean_band(axes: Any, curves: list[dict[int, float]], label: str) -> None:
