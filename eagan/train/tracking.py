@@ -116,8 +116,8 @@ class EventFile:
 def tfrecord(data: bytes) -> bytes:
     """``data`` framed as TensorBoard's RecordWriter frames it: its length, the length's masked
     CRC-32C, the data, the data's masked CRC-32C. RecordWriter computes the CRC byte by byte in
-    Python (0.12 s per MB on a 2-core EPYC, most of a CPU training step's logging);
-    google-crc32c computes it natively (0.14 ms per MB)."""
+    Python: 0.12 s per MB on a 2-core EPYC, 9% of the CPU time of the test suite's short
+    training runs (profiled); google-crc32c computes it natively, 0.14 ms per MB."""
     length = struct.pack("<Q", len(data))
     return length + struct.pack("<I", _masked_crc32c(length)) + data + \
         struct.pack("<I", _masked_crc32c(data))
