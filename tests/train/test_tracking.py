@@ -1,7 +1,7 @@
 """The TensorBoard event framing of eagan/train/tracking.py against TensorBoard's own writer and
 reader."""
 import io
-import os
+import random
 
 import pytest
 from tensorboard.compat.proto.event_pb2 import Event
@@ -25,7 +25,8 @@ def read_records(path) -> list[bytes]:
 
 
 def test_masked_crc32c_on_the_standard_check_input():
-    # CRC-32C of "123456789" is 0xE3069283 (RFC 3720, B.4); TensorBoard masks it.
+    # 0xE3069283 is CRC-32C's published check value (its CRC of "123456789"); TensorBoard
+    # masks it.
     assert _masked_crc32c(b"123456789") == masked_crc32c(b"123456789")
     crc = 0xE3069283
     assert _masked_crc32c(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) \
@@ -34,7 +35,7 @@ def test_masked_crc32c_on_the_standard_check_input():
 
 @pytest.mark.parametrize("size", [0, 1, 7, 4096, 100_003])
 def test_tfrecord_frames_as_tensorboards_record_writer(size):
-    data = os.urandom(size)
+    data = random.Random(size).randbytes(size)
     buffer = io.BytesIO()
     RecordWriter(buffer).write(data)
     assert tfrecord(data) == buffer.getvalue()
