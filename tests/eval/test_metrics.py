@@ -2,8 +2,9 @@
 offline, with stand-in Inception weights (tests/inception_standin.py) for both engines
 (torch-fidelity and pytorch-fid).
 
-Inception costs about 0.2-0.6 s per image here (more under load), so every Inception pass is
-shared through a fixture and uses at most 16 images: about 120 images in all.
+Inception costs about 0.16 s per image on one idle core of the 2-core test machine (up to about
+three times that in wall time in the parallel suite), so every Inception pass is shared through
+a fixture and uses at most 16 images: about 130 images in all.
 """
 
 import dataclasses
@@ -99,7 +100,7 @@ def smooth_images(count: int, seed: int) -> torch.Tensor:
     return smooth_float_images(count, seed).round().to(torch.uint8)
 
 
-BASE_COUNT = 8  # images in the shared sets: each is an Inception pass, 0.2-0.6 s here
+BASE_COUNT = 8  # images in the shared sets: each is an Inception pass
 
 
 @pytest.fixture(scope="module")
@@ -336,8 +337,8 @@ def test_frechet_distance_rejects_mismatched_shapes():
 
 def test_fid_of_a_set_against_itself_is_zero(base_statistics):
     # 8 samples give a rank-7 covariance in 2048 dimensions; a square root that kept the
-    # rounding-noise eigenvalues (pytorch-fid's) gives -1.8e-6 here. Exact arithmetic gives 0; float64
-    # leaves about 1e-15 of the trace.
+    # rounding-noise eigenvalues (pytorch-fid's) gives about -2e-6 here. Exact arithmetic gives 0;
+    # float64 leaves about 1e-15 of the trace.
     mu, sigma = base_statistics
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
 
@@ -384,7 +385,8 @@ def test_engines_differ_by_what_resize_and_quantisation_explain(
     between_engines = frechet_distance(*base_statistics, *pytorch_fid_statistics)
     shift_10 = frechet_distance(*base_statistics, *shifted_statistics[10])
     assert 1e-4 < between_engines < shift_10 / 10, (between_engines, shift_10)
-    floats = smooth_float_images(BASE_COUNT, seed=0) / 127.5 - 1  # what base_images were rounded from
+    # What base_images were rounded from.
+    floats = smooth_float_images(BASE_COUNT, seed=0) / 127.5 - 1
     unrounded = gaussian_statistics(pytorch_fid_inception.float_features(floats)[FID_LAYER])
     quantisation = frechet_distance(*pytorch_fid_statistics, *unrounded)
     assert 0 < quantisation < between_engines / 10, (quantisation, between_engines)
